@@ -1,0 +1,145 @@
+"""What every model family adapter provides; the generic attach / prune / rebuild logic.
+
+An adapter knows where a family keeps its blocks and how to turn a block's attention and MLP
+into :class:`MaskedAttention` / :class:`MaskedMlp` and back. Everything else (arena layout,
+costs, folding) is shared here.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..arena import MaskArena, PairSpec
+from ..layers import MaskedAttention, MaskedMlp, MaskSlot, prune_attention, prune_mlp
+
+
+class Adapter:
+    family: str = ""
+    description: str = ""
+
+    def __init__(self, model: nn.Module):
+        pass
+
+    # --- per-family hooks -----------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def check_supported(self, model: nn.Module) -> None:
+        """Raise ValueError naming the unsupported feature (decoder, cross-attention, qk-norm…)."""
+
+    def make_attention(self, block: nn.Module) -> MaskedAttention:
+        """A full-width MaskedAttention built from the block's original modules (no slots)."""
+        raise NotImplementedError
+
+    def make_mlp(self, block: nn.Module) -> MaskedMlp:
+        raise NotImplementedError
+
+    def install(self, block: nn.Module, attn: MaskedAttention, mlp: MaskedMlp) -> Any:
+        """Put ``attn``/``mlp`` into ``block``; return what :meth:`uninstall` needs to undo it."""
+        raise NotImplementedError
+
+    def uninstall(self, block: nn.Module, saved: Any) -> None:
+        raise NotImplementedError
+
+    def installed(self, block: nn.Module) -> Optional[tuple[MaskedAttention, MaskedMlp]]:
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> dict:
+        """JSON-able description from which :meth:`build` makes the same dense architecture."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, desc: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def default_seq_len(self, model: nn.Module) -> int:
+        return 128
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Run ``model`` on ``batch``; return (output to distil (B, N, D) or (B, D), token weights (B, N) or None)."""
+        raise NotImplementedError
+
+    # --- shared logic ---------------------------------------------------------------------
+    def parts(self, block: nn.Module) -> tuple[MaskedAttention, MaskedMlp]:
+        cur = self.installed(block)
+        return cur if cur is not None else self._make(block)
+
+    def _make(self, block: nn.Module) -> tuple[MaskedAttention, MaskedMlp]:
+        attn, mlp = self.make_attention(block), self.make_mlp(block)
+        attn.train(block.training)  # new modules start in training mode; follow the block's
+        mlp.train(block.training)
+        return attn, mlp
+
+    def pair_specs(self, model: nn.Module, seq_len: Optional[int] = None) -> list[PairSpec]:
+        n = seq_len or self.default_seq_len(model)
+        specs = []
+        for i, block in enumerate(self.blocks(model)):
+            attn, mlp = self.parts(block)
+            specs.extend(pair_specs_of(i, attn, mlp, n))
+        return specs
+
+    def attach(self, model: nn.Module, arena: MaskArena) -> list:
+        saved = []
+        for i, block in enumerate(self.blocks(model)):
+            if self.installed(block) is not None:
+                raise ValueError("model is already attached (or already pruned): call spp.detach first")
+            attn, mlp = self._make(block)
+            attn.qk_slot = MaskSlot(arena, f"blocks.{i}.qk")
+            attn.vo_slot = MaskSlot(arena, f"blocks.{i}.vo")
+            mlp.slot = MaskSlot(arena, f"blocks.{i}.mlp")
+            saved.append(self.install(block, attn, mlp))
+        return saved
+
+    def detach(self, model: nn.Module, saved: list) -> None:
+        for block, s in zip(self.blocks(model), saved):
+            self.uninstall(block, s)
+
+    def prune_(self, model: nn.Module, kept: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace every block's attention and MLP by narrow copies keeping ``kept[pair] = (idx, values)``."""
+        for i, block in enumerate(self.blocks(model)):
+            attn, mlp = self.parts(block)
+            qk, vo, ml = kept[f"blocks.{i}.qk"], kept[f"blocks.{i}.vo"], kept[f"blocks.{i}.mlp"]
+            dev = attn.q.weight.device
+            new_attn = prune_attention(attn, qk[0].to(dev), qk[1].to(dev), vo[0].to(dev), vo[1].to(dev))
+            new_mlp = prune_mlp(mlp, ml[0].to(dev), ml[1].to(dev))
+            if self.installed(block) is None:
+                self.install(block, new_attn, new_mlp)
+            else:
+                self.replace(block, new_attn, new_mlp)
+
+    def replace(self, block: nn.Module, attn: MaskedAttention, mlp: MaskedMlp) -> None:
+        """Swap already-installed layers for new ones."""
+        self.install(block, attn, mlp)
+
+    def widths(self, model: nn.Module) -> dict[str, int]:
+        out = {}
+        for i, block in enumerate(self.blocks(model)):
+            attn, mlp = self.parts(block)
+            out[f"blocks.{i}.qk"] = attn.qk_dim
+            out[f"blocks.{i}.vo"] = attn.v_dim
+            out[f"blocks.{i}.mlp"] = mlp.fc1.out_features
+        return out
+
+
+def pair_specs_of(layer: int, attn: MaskedAttention, mlp: MaskedMlp, seq_len: int) -> list[PairSpec]:
+    """Exact per-unit cost of each pair of one block (params, and FLOPs per token at ``seq_len``).
+
+    qk unit: one channel in each of H query and H key heads: 2·H·d weights (+ biases); FLOPs per
+    token 2·2·d·H for the projections + 2·N·H for the scores. vo unit: H value rows (+ bias) and
+    H output columns; 2·d·H + 2·H·d_out + 2·N·H FLOPs. mlp unit: a fc1 row (+ bias) and a fc2 column.
+    """
+    H, d, d_out = attn.num_heads, attn.q.in_features, attn.o.out_features
+    qb = int(attn.q.bias is not None) + int(attn.k.bias is not None)
+    qk = PairSpec(f"blocks.{layer}.qk", "qk", layer, attn.qk_dim, 2 * H * d + qb * H, 4 * d * H + 2 * seq_len * H)
+    vo = PairSpec(f"blocks.{layer}.vo", "vo", layer, attn.v_dim,
+                  H * d + int(attn.v.bias is not None) * H + H * d_out, 2 * d * H + 2 * H * d_out + 2 * seq_len * H)
+    d1, d2 = mlp.fc1.in_features, mlp.fc2.out_features
+    ml = PairSpec(f"blocks.{layer}.mlp", "mlp", layer, mlp.fc1.out_features,
+                  d1 + int(mlp.fc1.bias is not None) + d2, 2 * d1 + 2 * d2)
+    return [qk, vo, ml]

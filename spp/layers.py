@@ -1,0 +1,185 @@
+"""Drop-in fused layers. They call the ``spp_kernels`` dispatcher only.
+
+A layer is either *masked* (full width, its masks are views into a :class:`MaskArena`) or
+*pruned* (narrow width, mask values folded into the weights, no arena). The attention scale is
+fixed at construction to the original ``1/sqrt(head_dim)`` and never changes with the width.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import spp_kernels
+
+from .arena import MaskArena
+
+
+class MaskSlot:
+    """Where a layer finds its mask: pair ``name`` of ``arena`` (kept outside the module tree so
+    that state dicts never hold the arena)."""
+
+    def __init__(self, arena: MaskArena, name: str):
+        self.arena = arena
+        self.name = name
+
+    @property
+    def enabled(self) -> bool:
+        return self.arena.enabled
+
+    def mask(self) -> torch.Tensor:
+        return self.arena.view(self.name)
+
+    def active(self) -> Optional[torch.Tensor]:
+        return self.arena.active[self.name]
+
+
+def _head_col2unit(heads: int, width: int, device=None) -> torch.Tensor:
+    # channel h*width + j of a projection belongs to the shared unit j
+    return torch.arange(width, device=device).repeat(heads)
+
+
+class MaskedAttention(nn.Module):
+    """Multi-head self-attention with a qk mask on the query channels and a vo mask on the value
+    channels (one unit per head-dimension channel, shared by all heads).
+
+    q: Linear(d, H*qk_dim); k: Linear(d, H*qk_dim); v: Linear(d, H*v_dim); o: Linear(H*v_dim, d_out).
+    ``forward_core(x (B, N, d), attn_mask, is_causal) -> (B, N, d_out)``.
+    """
+
+    def __init__(
+        self,
+        q: nn.Linear,
+        k: nn.Linear,
+        v: nn.Linear,
+        o: nn.Linear,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        scale: float,
+        attn_drop: float = 0.0,
+        out_drop: float = 0.0,
+        qk_slot: Optional[MaskSlot] = None,
+        vo_slot: Optional[MaskSlot] = None,
+    ):
+        super().__init__()
+        if q.out_features != num_heads * qk_dim or k.out_features != num_heads * qk_dim:
+            raise ValueError("q/k widths do not match num_heads * qk_dim")
+        if v.out_features != num_heads * v_dim or o.in_features != num_heads * v_dim:
+            raise ValueError("v/o widths do not match num_heads * v_dim")
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
+        self.scale = float(scale)
+        self.attn_drop = attn_drop
+        self.out_drop = nn.Dropout(out_drop)
+        self.qk_slot, self.vo_slot = qk_slot, vo_slot
+        self.register_buffer("qk_col2unit", _head_col2unit(num_heads, qk_dim), persistent=False)
+        self.register_buffer("v_col2unit", _head_col2unit(num_heads, v_dim), persistent=False)
+
+    def _proj(self, lin: nn.Linear, x: torch.Tensor, slot: Optional[MaskSlot], col2unit: torch.Tensor) -> torch.Tensor:
+        if slot is None or not slot.enabled:
+            return F.linear(x, lin.weight, lin.bias)
+        return spp_kernels.masked_linear(x, lin.weight, lin.bias, slot.mask(), col2unit, None)
+
+    def forward_core(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        H = self.num_heads
+        q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, H, self.qk_dim).transpose(1, 2)
+        k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
+        v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0,
+            is_causal=is_causal, scale=self.scale,
+        )
+        ctx = ctx.transpose(1, 2).reshape(B, N, H * self.v_dim)
+        return self.out_drop(self.o(ctx))
+
+    def extra_repr(self) -> str:
+        state = "masked" if self.qk_slot is not None else "pruned"
+        return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
+
+
+class MaskedMlp(nn.Module):
+    """The MLP pair ``fc2(act(fc1(x)) ⊙ m)`` as one ``pair_matmul``; pruned when ``slot`` is None."""
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, act: str, slot: Optional[MaskSlot] = None, drop: float = 0.0):
+        super().__init__()
+        spp_kernels.reference.activation(act)  # validates the name
+        self.fc1, self.fc2, self.act = fc1, fc2, act
+        self.slot = slot
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot is None or not self.slot.enabled:
+            h = spp_kernels.reference.activation(self.act)(self.fc1(x))
+            return self.drop(self.fc2(h))
+        y = spp_kernels.pair_matmul(
+            x, self.fc1.weight, self.fc1.bias, self.slot.mask(), self.fc2.weight, self.fc2.bias,
+            self.act, self.slot.active(),
+        )
+        return self.drop(y)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, hidden={self.fc1.out_features}, {'masked' if self.slot is not None else 'pruned'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding: build the narrow (pruned) layers from a full-width one and a set of kept units.
+
+
+def _narrow_linear(lin: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
+                   row_scale: Optional[torch.Tensor] = None, col_scale: Optional[torch.Tensor] = None) -> nn.Linear:
+    W = lin.weight.detach()
+    b = lin.bias.detach() if lin.bias is not None else None
+    if rows is not None:
+        W = W.index_select(0, rows)
+        b = b.index_select(0, rows) if b is not None else None
+    if cols is not None:
+        W = W.index_select(1, cols)
+    if row_scale is not None:
+        W = (W.float() * row_scale[:, None]).to(W.dtype)
+        b = (b.float() * row_scale).to(b.dtype) if b is not None else None
+    if col_scale is not None:
+        W = (W.float() * col_scale[None, :]).to(W.dtype)
+    out = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        out.weight.copy_(W)
+        if b is not None:
+            out.bias.copy_(b)
+    out.weight.requires_grad_(lin.weight.requires_grad)
+    if out.bias is not None:
+        out.bias.requires_grad_(lin.bias.requires_grad)
+    return out
+
+
+def _head_rows(heads: int, width: int, kept: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(heads, device=kept.device)[:, None] * width + kept[None, :]).reshape(-1)
+
+
+def prune_attention(attn: MaskedAttention, qk_kept: torch.Tensor, qk_values: torch.Tensor,
+                    vo_kept: torch.Tensor, vo_values: torch.Tensor) -> MaskedAttention:
+    """A narrow copy of ``attn`` keeping units ``*_kept`` (int64) with mask values ``*_values``
+    (fp32) folded into W_q rows/bias (qk) and W_v rows/bias (vo). Scale is unchanged."""
+    H = attn.num_heads
+    qk_rows = _head_rows(H, attn.qk_dim, qk_kept)
+    vo_rows = _head_rows(H, attn.v_dim, vo_kept)
+    q = _narrow_linear(attn.q, rows=qk_rows, row_scale=qk_values.repeat(H))
+    k = _narrow_linear(attn.k, rows=qk_rows)
+    v = _narrow_linear(attn.v, rows=vo_rows, row_scale=vo_values.repeat(H))
+    o = _narrow_linear(attn.o, cols=vo_rows)
+    # subclasses only change forward's signature, so the same constructor serves them all
+    new = type(attn)(q, k, v, o, H, int(qk_kept.numel()), int(vo_kept.numel()), attn.scale,
+                     attn.attn_drop, attn.out_drop.p)
+    new.train(attn.training)
+    return new
+
+
+def prune_mlp(mlp: MaskedMlp, kept: torch.Tensor, values: torch.Tensor) -> MaskedMlp:
+    """A narrow copy of ``mlp`` keeping hidden units ``kept``; mask values folded into fc2 columns."""
+    fc1 = _narrow_linear(mlp.fc1, rows=kept)
+    fc2 = _narrow_linear(mlp.fc2, cols=kept, col_scale=values)
+    new = MaskedMlp(fc1, fc2, mlp.act, None, mlp.drop.p)
+    new.train(mlp.training)
+    return new

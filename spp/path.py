@@ -1,0 +1,258 @@
+"""The solution path: per-unit entry steps and final state, and mask sets read off it."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .arena import PAIR_KINDS, MaskArena, PairSpec
+
+PATH_FORMAT = "spp-path"
+PATH_VERSION = 1
+_TENSORS = ("entry", "support_count", "z", "m")
+
+
+@dataclass
+class MaskSet:
+    """Kept units per pair: ``kept[name] = (indices int64 sorted, mask values fp32)``."""
+
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    sizes: dict[str, int]
+    fingerprint: dict
+    params_kept: float
+    params_total: float
+    flops_kept: float
+    flops_total: float
+    meta: dict = field(default_factory=dict)
+
+    def widths(self) -> dict[str, int]:
+        return {k: int(v[0].numel()) for k, v in self.kept.items()}
+
+    def check_compatible(self, fp: dict) -> None:
+        """ValueError unless these masks were made for a model with fingerprint ``fp``."""
+        check_fingerprint(self.fingerprint, fp, what="masks")
+
+    def summary(self) -> dict:
+        return {
+            "params_kept_fraction": self.params_kept / self.params_total if self.params_total else 1.0,
+            "flops_kept_fraction": self.flops_kept / self.flops_total if self.flops_total else 1.0,
+            "params_kept": self.params_kept, "flops_kept": self.flops_kept, **self.meta,
+        }
+
+
+def check_fingerprint(mine: dict, theirs: dict, what: str) -> None:
+    if mine.get("family") != theirs.get("family"):
+        raise ValueError(f"{what} were made for a {mine.get('family')} model, not {theirs.get('family')}")
+    if [tuple(p) for p in mine.get("pairs", [])] != [tuple(p) for p in theirs.get("pairs", [])]:
+        raise ValueError(f"{what} were made for a model with other pairs (layer count or widths differ)")
+    a, b = float(mine.get("checksum", 0.0)), float(theirs.get("checksum", 0.0))
+    if abs(a - b) > 1e-3 * max(abs(a), abs(b), 1e-12):
+        raise ValueError(f"{what} were made for a model with other weights (weight checksum {a:.6g} != {b:.6g})")
+
+
+def _fraction(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {type(v).__name__}")
+    if not (0.0 < float(v) <= 1.0) or math.isnan(v):
+        raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+    return float(v)
+
+
+class SolutionPath:
+    """Per unit: entry step (−1: never entered), support count, final z and m; plus the pairs,
+    their costs, the number of steps and the search settings.
+
+    Ranking (best first): earlier entry; then larger support count; then larger z; then larger |m|.
+    """
+
+    def __init__(self, pairs: list[PairSpec], entry, support_count, z, m, steps: int,
+                 settings: dict, fingerprint: dict, history: Optional[dict] = None):
+        self.pairs = list(pairs)
+        self.entry = np.asarray(entry, dtype=np.int64)
+        self.support_count = np.asarray(support_count, dtype=np.int64)
+        self.z = np.asarray(z, dtype=np.float64)
+        self.m = np.asarray(m, dtype=np.float32)
+        n = sum(p.size for p in self.pairs)
+        for name in _TENSORS:
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"path array {name} has shape {getattr(self, name).shape}, expected ({n},)")
+        self.steps, self.settings, self.fingerprint = int(steps), dict(settings), dict(fingerprint)
+        self.history = history or {}
+        self.offsets = np.cumsum([0] + [p.size for p in self.pairs])[:-1]
+        self.pair_id = np.concatenate([np.full(p.size, i) for i, p in enumerate(self.pairs)]) if self.pairs else np.zeros(0, int)
+        self.params_cost = np.concatenate([np.full(p.size, p.params_per_unit, float) for p in self.pairs])
+        self.flops_cost = np.concatenate([np.full(p.size, p.flops_per_unit, float) for p in self.pairs])
+        self.kind = np.array([p.kind for p in self.pairs])[self.pair_id]
+
+    @classmethod
+    def from_arena(cls, arena: MaskArena, steps: int, settings: dict, fingerprint: dict, history=None) -> "SolutionPath":
+        return cls(arena.pairs, arena.entry.cpu().numpy(), arena.support_count.cpu().numpy(),
+                   arena.z.cpu().numpy(), arena.m.detach().cpu().numpy(), steps, settings, fingerprint, history)
+
+    # --- ranking --------------------------------------------------------------------------
+    def rank(self) -> np.ndarray:
+        """Unit indices, best first (see the class docstring for the rule)."""
+        entry = np.where(self.entry < 0, np.iinfo(np.int64).max, self.entry)
+        # lexsort: last key is primary
+        return np.lexsort((-np.abs(self.m), -self.z, -self.support_count, entry))
+
+    def diagnostics(self) -> dict:
+        entered = self.entry >= 0
+        e = self.entry[entered]
+        q = np.quantile(e, [0.1, 0.5, 0.9]).tolist() if e.size else [None] * 3
+        distinct = int(np.unique(e).size)
+        growth_span = (float(q[2] - q[0]) / self.steps) if e.size else 0.0
+        d = {
+            "units": int(self.entry.size), "fraction_entered": float(entered.mean()) if self.entry.size else 0.0,
+            "distinct_entry_steps": distinct, "entry_step_q10_q50_q90": q, "steps": self.steps,
+            "support_growth_span": growth_span,
+        }
+        d["degenerate"], d["why"] = _degenerate(d)
+        return d
+
+    # --- mask sets ------------------------------------------------------------------------
+    def masks(self, keep: Union[float, dict, None] = None, *, params: Optional[float] = None,
+              flops: Optional[float] = None, round_to: int = 1, min_keep: int = 1,
+              values: str = "final") -> MaskSet:
+        """A mask set read off the path for one target (exactly one of them):
+
+        keep:   fraction of units kept per pair type (float, or {"qk": .., "vo": .., "mlp": ..}),
+                one global threshold per type over all layers (the authors' allocation);
+        params: fraction of the pair parameters kept, global cost-aware walk down the ranking;
+        flops:  fraction of the pair FLOPs per token kept, likewise.
+        round_to: each pair keeps a multiple of this many units (or all of them);
+        min_keep: each pair keeps at least this many units;
+        values: "final" folds the kept units' final mask values, "ones" keeps them at 1.
+        """
+        given = [n for n, v in (("keep", keep), ("params", params), ("flops", flops)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of keep=, params=, flops= (got {given or 'none'})")
+        for name, v in (("round_to", round_to), ("min_keep", min_keep)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if values not in ("final", "ones"):
+            raise ValueError(f"values must be 'final' or 'ones', got {values!r}")
+        order = self.rank()
+        pos = np.empty_like(order)
+        pos[order] = np.arange(order.size)  # pos[u]: rank of unit u
+        sizes = np.array([p.size for p in self.pairs])
+        floor = np.minimum(sizes, min_keep)
+        if given[0] == "keep":
+            counts = self._counts_by_type(keep, order, floor)
+        else:
+            frac = _fraction(given[0], params if params is not None else flops)
+            cost = self.params_cost if params is not None else self.flops_cost
+            counts = self._counts_by_budget(frac, cost, order, floor, given[0])
+        counts = _round_counts(counts, sizes, round_to, floor)
+        kept, n_kept_mask = {}, np.zeros(self.entry.size, bool)
+        for i, p in enumerate(self.pairs):
+            o = self.offsets[i]
+            idx_local = np.argsort(pos[o:o + p.size], kind="stable")[: counts[i]]
+            idx_local = np.sort(idx_local)
+            vals = self.m[o + idx_local] if values == "final" else np.ones(idx_local.size, np.float32)
+            kept[p.name] = (torch.from_numpy(idx_local.astype(np.int64)), torch.from_numpy(vals.astype(np.float32)))
+            n_kept_mask[o + idx_local] = True
+        meta = {"target": {given[0]: keep if given[0] == "keep" else (params if params is not None else flops)},
+                "round_to": round_to, "min_keep": min_keep, "values": values}
+        return MaskSet(kept, {p.name: p.size for p in self.pairs}, self.fingerprint,
+                       float(self.params_cost[n_kept_mask].sum()), float(self.params_cost.sum()),
+                       float(self.flops_cost[n_kept_mask].sum()), float(self.flops_cost.sum()), meta)
+
+    def _counts_by_type(self, keep, order, floor) -> np.ndarray:
+        if isinstance(keep, dict):
+            bad = set(keep) - set(PAIR_KINDS)
+            if bad or set(keep) != set(PAIR_KINDS):
+                raise ValueError(f"keep as a dict needs exactly the keys {PAIR_KINDS}, got {sorted(keep)}")
+            fr = {k: _fraction(f"keep[{k!r}]", v) for k, v in keep.items()}
+        else:
+            f = _fraction("keep", keep)
+            fr = {k: f for k in PAIR_KINDS}
+        counts = floor.copy()
+        for kind in PAIR_KINDS:
+            units = order[self.kind[order] == kind]  # ranked units of this type
+            if units.size == 0:
+                continue
+            target = int(round(fr[kind] * units.size))
+            taken = np.bincount(self.pair_id[units[:target]], minlength=len(self.pairs))
+            counts = np.where(np.array([p.kind == kind for p in self.pairs]), np.maximum(taken, floor), counts)
+        return counts
+
+    def _counts_by_budget(self, frac, cost, order, floor, name) -> np.ndarray:
+        total = float(cost.sum())
+        budget = frac * total
+        counts = floor.copy()
+        spent = float(sum(floor[i] * (cost[self.offsets[i]] if self.pairs[i].size else 0) for i in range(len(self.pairs))))
+        if spent > budget * (1 + 1e-9):
+            raise ValueError(f"{name}={frac:g} is below the minimum this model allows with min_keep "
+                             f"(every pair keeps at least one unit): {spent / total:.4g}")
+        # walk the ranking; the first min_keep units of each pair are already paid for
+        seen = np.zeros(len(self.pairs), dtype=np.int64)
+        for u in order:
+            i = self.pair_id[u]
+            seen[i] += 1
+            if seen[i] <= floor[i]:
+                continue
+            if spent + cost[u] > budget * (1 + 1e-12):
+                break
+            spent += cost[u]
+            counts[i] += 1
+        return counts
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Write ``path.safetensors`` and ``path.json`` into ``directory`` (atomically per file)."""
+        from safetensors.torch import save_file
+
+        from .io import atomic_write_json, atomic_path
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in _TENSORS}
+        with atomic_path(os.path.join(directory, "path.safetensors")) as tmp:
+            save_file(tensors, tmp)
+        atomic_write_json(os.path.join(directory, "path.json"), {
+            "format": PATH_FORMAT, "version": PATH_VERSION, "steps": self.steps,
+            "pairs": [p.to_dict() for p in self.pairs], "settings": self.settings,
+            "fingerprint": self.fingerprint, "history": self.history, "diagnostics": self.diagnostics(),
+        })
+
+    @classmethod
+    def load(cls, directory: str) -> "SolutionPath":
+        """Read a path written by :meth:`save`; clear errors for missing or corrupt files."""
+        from .io import read_json, read_safetensors
+
+        meta = read_json(os.path.join(directory, "path.json"), expect_format=PATH_FORMAT, max_version=PATH_VERSION)
+        jpath = os.path.join(directory, "path.json")
+        try:
+            pairs = [PairSpec(**p) for p in meta["pairs"]]
+            steps, settings, fp = meta["steps"], meta["settings"], meta["fingerprint"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{jpath}: missing or malformed field ({exc})") from None
+        t = read_safetensors(os.path.join(directory, "path.safetensors"), _TENSORS)
+        try:
+            return cls(pairs, t["entry"].numpy(), t["support_count"].numpy(), t["z"].numpy(), t["m"].numpy(),
+                       steps, settings, fp, meta.get("history"))
+        except ValueError as exc:
+            raise ValueError(f"{os.path.join(directory, 'path.safetensors')}: does not match {jpath}: {exc}") from None
+
+
+def _round_counts(counts, sizes, round_to, floor) -> np.ndarray:
+    if round_to == 1:
+        return np.maximum(counts, floor)
+    r = np.round(counts / round_to).astype(np.int64) * round_to
+    r = np.maximum(r, -(-np.maximum(floor, 1) // round_to) * round_to)  # at least one group
+    return np.minimum(r, sizes)
+
+
+def _degenerate(d: dict) -> tuple[bool, str]:
+    if d["fraction_entered"] == 0:
+        return True, "no unit entered the support: the ranking is by z alone"
+    if d["distinct_entry_steps"] < 10:
+        return True, f"units entered at only {d['distinct_entry_steps']} distinct steps: the ranking is mostly tie-breaking"
+    if d["support_growth_span"] < 0.1:
+        return True, "the support grew within less than a tenth of the run"
+    return False, ""

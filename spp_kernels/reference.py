@@ -47,6 +47,17 @@ def _check_mask(m: torch.Tensor) -> None:
         raise ValueError(f"m must be 1-D, got shape {tuple(m.shape)}")
 
 
+def _check_bias(name: str, b: Optional[torch.Tensor], n: int, dtype: torch.dtype) -> None:
+    if b is None:
+        return
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(b).__name__}")
+    if b.dtype != dtype:
+        raise TypeError(f"{name} dtype {b.dtype} != x dtype {dtype}")
+    if tuple(b.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+
+
 def _scale_by_mask(h: torch.Tensor, mvec: torch.Tensor) -> torch.Tensor:
     # The mask is fp32; multiply in fp32 so that dm is accumulated in fp32 too.
     if h.dtype == torch.float32:
@@ -77,8 +88,7 @@ def masked_linear(
         raise ValueError(f"x's last dim {x.shape[-1]} != W's in_features {W.shape[1]}")
     if W.dtype != x.dtype:
         raise TypeError(f"W dtype {W.dtype} != x dtype {x.dtype}")
-    if b is not None and tuple(b.shape) != (W.shape[0],):
-        raise ValueError(f"b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+    _check_bias("b", b, W.shape[0], x.dtype)
     if col2unit is None:
         if m.numel() != W.shape[0]:
             raise ValueError(f"m has {m.numel()} units but W has {W.shape[0]} rows and col2unit is None")
@@ -86,6 +96,8 @@ def masked_linear(
     else:
         if col2unit.dtype not in (torch.int64, torch.int32) or tuple(col2unit.shape) != (W.shape[0],):
             raise ValueError(f"col2unit must be an int tensor of shape ({W.shape[0]},)")
+        if col2unit.numel() and (int(col2unit.min()) < 0 or int(col2unit.max()) >= m.numel()):
+            raise ValueError(f"col2unit holds unit indices outside [0, {m.numel()})")
         mvec = m[col2unit]
     h = activation(act)(F.linear(x, W, b))
     return _scale_by_mask(h, mvec)
@@ -121,11 +133,15 @@ def pair_matmul(
         )
     if W1.dtype != x.dtype or W2.dtype != x.dtype:
         raise TypeError(f"W1/W2 dtype must equal x dtype {x.dtype}")
+    _check_bias("b1", b1, W1.shape[0], x.dtype)
+    _check_bias("b2", b2, W2.shape[0], x.dtype)
     if active is not None:
         if not isinstance(active, torch.Tensor) or active.dtype not in (torch.int64, torch.int32) or active.dim() != 1:
             raise TypeError("active must be a 1-D int64 tensor of unit indices or None")
         if active.numel() and (int(active.min()) < 0 or int(active.max()) >= m.numel()):
             raise ValueError(f"active holds indices outside [0, {m.numel()})")
+        if torch.unique(active).numel() != active.numel():
+            raise ValueError("active holds duplicate unit indices")
         W1 = W1.index_select(0, active)
         b1 = None if b1 is None else b1.index_select(0, active)
         m = m.index_select(0, active)
@@ -159,21 +175,30 @@ def _check_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count) 
             raise TypeError(f"{name} must be an int32 tensor")
         if t.dim() != 1 or t.numel() != n:
             raise ValueError(f"{name} must be 1-D with {n} elements like m")
+        if t.device != m.device:
+            raise ValueError(f"{name} is on {t.device} but m is on {m.device}")
 
 
 def check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer) -> None:
     """Validate the hyper-parameters of :func:`inclusion_step` (shared by every backend)."""
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
-    for name, v in (("lr", lr), ("kappa", kappa), ("nu", nu)):
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+    for name, v in (("lr", lr), ("kappa", kappa)):
+        if not (number(v) and 0 < v < math.inf):
+            raise ValueError(f"{name} must be a finite positive number, got {v!r}")
+    if not (number(nu) and nu > 0):
+        raise ValueError(f"nu must be a positive number (math.inf for no coupling), got {nu!r}")
     for name, v in (("beta1", beta1), ("beta2", beta2)):
-        if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+        if not (number(v) and 0.0 <= v < 1.0):
             raise ValueError(f"{name} must be in [0, 1), got {v!r}")
     for name, v in (("eps", eps), ("weight_decay", weight_decay), ("lam", lam)):
-        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+        if not (number(v) and v >= 0 and math.isfinite(v)):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if optimizer == "adamw" and eps == 0:
+        raise ValueError("eps must be > 0 with the adamw optimizer (0/0 at a zero gradient)")
     if mode not in INCLUSION_MODES:
         raise ValueError(f"mode must be one of {INCLUSION_MODES}, got {mode!r}")
     if optimizer not in INCLUSION_OPTIMIZERS:
@@ -212,8 +237,10 @@ def inclusion_step(
     """
     _check_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count)
     check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer)
-    if check_finite and not bool(torch.isfinite(grad).all()):
-        raise ValueError("grad holds NaN or Inf")
+    if check_finite:
+        for name, t in (("grad", grad), ("m", m), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("z", z), ("gamma", gamma)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds NaN or Inf")
     s = inclusion_scalars(step, lr, beta1, beta2, kappa, optimizer)
 
     g = grad.clone()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from typing import Iterable, Optional
@@ -27,10 +28,30 @@ def atomic_path(path: str):
         raise
 
 
+_NONFINITE = "__nonfinite_float__"
+
+
+def _encode(obj):
+    """Strict JSON has no inf/nan (e.g. the authors' coupling nu = inf): store them tagged."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {_NONFINITE: repr(obj)}  # 'inf', '-inf', 'nan'
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(d: dict):
+    if len(d) == 1 and _NONFINITE in d and d[_NONFINITE] in ("inf", "-inf", "nan"):
+        return float(d[_NONFINITE])
+    return d
+
+
 def atomic_write_json(path: str, obj) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False, allow_nan=False)
+            json.dump(_encode(obj), f, indent=1, sort_keys=False, allow_nan=False)
 
 
 def read_json(path: str, expect_format: Optional[str] = None, max_version: Optional[int] = None) -> dict:
@@ -38,7 +59,7 @@ def read_json(path: str, expect_format: Optional[str] = None, max_version: Optio
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with open(path) as f:
-            obj = json.load(f)
+            obj = json.load(f, object_hook=_decode)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: corrupt JSON ({exc})") from None
     if not isinstance(obj, dict):

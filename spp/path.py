@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -56,7 +57,7 @@ def check_fingerprint(mine: dict, theirs: dict, what: str) -> None:
 
 
 def _fraction(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy scalars are fine
         raise TypeError(f"{name} must be a number in (0, 1], got {type(v).__name__}")
     if not (0.0 < float(v) <= 1.0) or math.isnan(v):
         raise ValueError(f"{name} must be in (0, 1], got {v!r}")
@@ -73,10 +74,10 @@ class SolutionPath:
     def __init__(self, pairs: list[PairSpec], entry, support_count, z, m, steps: int,
                  settings: dict, fingerprint: dict, history: Optional[dict] = None):
         self.pairs = list(pairs)
-        self.entry = np.asarray(entry, dtype=np.int64)
-        self.support_count = np.asarray(support_count, dtype=np.int64)
-        self.z = np.asarray(z, dtype=np.float64)
-        self.m = np.asarray(m, dtype=np.float32)
+        self.entry = np.array(entry, dtype=np.int64)  # copies: never alias a live arena
+        self.support_count = np.array(support_count, dtype=np.int64)
+        self.z = np.array(z, dtype=np.float64)
+        self.m = np.array(m, dtype=np.float32)
         n = sum(p.size for p in self.pairs)
         for name in _TENSORS:
             if getattr(self, name).shape != (n,):
@@ -147,8 +148,9 @@ class SolutionPath:
         else:
             frac = _fraction(given[0], params if params is not None else flops)
             cost = self.params_cost if params is not None else self.flops_cost
-            counts = self._counts_by_budget(frac, cost, order, floor, given[0])
-        counts = _round_counts(counts, sizes, round_to, floor)
+            counts = self._counts_by_budget(frac, cost, order, floor, given[0], round_to, min_keep)
+        if given[0] == "keep":  # a budget walk already takes whole round_to groups, within the budget
+            counts = _round_counts(counts, sizes, round_to, floor)
         kept, n_kept_mask = {}, np.zeros(self.entry.size, bool)
         for i, p in enumerate(self.pairs):
             o = self.offsets[i]
@@ -157,7 +159,10 @@ class SolutionPath:
             vals = self.m[o + idx_local] if values == "final" else np.ones(idx_local.size, np.float32)
             kept[p.name] = (torch.from_numpy(idx_local.astype(np.int64)), torch.from_numpy(vals.astype(np.float32)))
             n_kept_mask[o + idx_local] = True
-        meta = {"target": {given[0]: keep if given[0] == "keep" else (params if params is not None else flops)},
+        target = keep if given[0] == "keep" else (params if params is not None else flops)
+        # plain floats (numpy scalars are accepted above but are not JSON-serialisable)
+        target = {k: float(v) for k, v in target.items()} if isinstance(target, dict) else float(target)
+        meta = {"target": {given[0]: target},
                 "round_to": round_to, "min_keep": min_keep, "values": values}
         return MaskSet(kept, {p.name: p.size for p in self.pairs}, self.fingerprint,
                        float(self.params_cost[n_kept_mask].sum()), float(self.params_cost.sum()),
@@ -182,25 +187,33 @@ class SolutionPath:
             counts = np.where(np.array([p.kind == kind for p in self.pairs]), np.maximum(taken, floor), counts)
         return counts
 
-    def _counts_by_budget(self, frac, cost, order, floor, name) -> np.ndarray:
+    def _counts_by_budget(self, frac, cost, order, floor, name, round_to=1, min_keep=1) -> np.ndarray:
+        """Walk the ranking and charge each unit its cost until the next one would exceed the
+        budget. With ``round_to`` > 1 a pair grows by whole groups of ``round_to`` units (or up to
+        its full size), charged when the group's best unit is reached, so the budget still holds."""
         total = float(cost.sum())
         budget = frac * total
-        counts = floor.copy()
-        spent = float(sum(floor[i] * (cost[self.offsets[i]] if self.pairs[i].size else 0) for i in range(len(self.pairs))))
+        sizes = np.array([p.size for p in self.pairs], dtype=np.int64)
+        if round_to > 1:
+            floor = np.minimum(sizes, -(-np.maximum(floor, 1) // round_to) * round_to)
+        counts = floor.astype(np.int64).copy()
+        unit_cost = np.array([float(cost[o]) if p.size else 0.0 for o, p in zip(self.offsets, self.pairs)])
+        spent = float((counts * unit_cost).sum())
         if spent > budget * (1 + 1e-9):
-            raise ValueError(f"{name}={frac:g} is below the minimum this model allows with min_keep "
-                             f"(every pair keeps at least one unit): {spent / total:.4g}")
-        # walk the ranking; the first min_keep units of each pair are already paid for
+            raise ValueError(f"{name}={frac:g} is below the minimum this model allows with min_keep={min_keep}, "
+                             f"round_to={round_to} (every pair keeps at least that much): {spent / total:.4g}")
+        # walk the ranking; the first counts[i] units of each pair are already paid for
         seen = np.zeros(len(self.pairs), dtype=np.int64)
         for u in order:
             i = self.pair_id[u]
             seen[i] += 1
-            if seen[i] <= floor[i]:
+            if seen[i] <= counts[i]:
                 continue
-            if spent + cost[u] > budget * (1 + 1e-12):
+            step = min(round_to, int(sizes[i] - counts[i]))
+            if spent + step * unit_cost[i] > budget * (1 + 1e-12):
                 break
-            spent += cost[u]
-            counts[i] += 1
+            spent += step * unit_cost[i]
+            counts[i] += step
         return counts
 
     # --- persistence ----------------------------------------------------------------------

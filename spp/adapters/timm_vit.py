@@ -1,6 +1,7 @@
 """timm VisionTransformer and DeiT (including the distilled DeiT)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -20,6 +21,12 @@ class TimmMaskedAttention(MaskedAttention):
 def _act_name(act: nn.Module) -> str:
     if isinstance(act, nn.GELU):
         return "gelu" if act.approximate == "none" else "gelu_tanh"
+    from timm.layers import activations as timm_acts  # timm's own classes (act_layer="gelu" etc.)
+
+    if type(act) is getattr(timm_acts, "GELU", None):
+        return "gelu"
+    if type(act) is getattr(timm_acts, "GELUTanh", None):
+        return "gelu_tanh"
     if isinstance(act, nn.ReLU):
         return "relu"
     if isinstance(act, nn.SiLU):
@@ -114,9 +121,16 @@ class TimmViTAdapter(Adapter):
                 "no_embed_class": model.no_embed_class, "reg_tokens": model.num_reg_tokens,
                 "pre_norm": not isinstance(model.norm_pre, nn.Identity),
                 "fc_norm": not isinstance(model.fc_norm, nn.Identity),
-                "final_norm": not isinstance(model.norm, nn.Identity),
+                # timm puts the final norm in fc_norm instead of norm when pooling by average
+                "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
                 "init_values": float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None,
                 "dynamic_img_size": model.dynamic_img_size,
+                # not defaults-only: a rebuilt model must compute the same function
+                "act_layer": mlp.act,
+                "norm_eps": float(blk.norm1.eps) if hasattr(blk.norm1, "eps") else None,
+                "pool_include_prefix": bool(getattr(model, "pool_include_prefix", False)),
+                "pos_embed": "learn" if getattr(model, "pos_embed", None) is not None else "none",
+                "proj_bias": attn.o.bias is not None,
             },
         }
 
@@ -127,6 +141,17 @@ class TimmViTAdapter(Adapter):
             raise ValueError(f"unknown timm ViT class {desc.get('class')!r}; known: {sorted(classes)}")
         kw = dict(desc["kwargs"])
         kw["img_size"], kw["patch_size"] = tuple(kw["img_size"]), tuple(kw["patch_size"])
+        if "act_layer" in kw:  # absent in files written before it was recorded: timm's default GELU
+            acts = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+                    "relu": nn.ReLU, "silu": nn.SiLU}
+            if kw["act_layer"] not in acts:
+                raise ValueError(f"unknown timm ViT activation {kw['act_layer']!r}; known: {sorted(acts)}")
+            kw["act_layer"] = acts[kw["act_layer"]]
+        eps = kw.pop("norm_eps", None)
+        if eps is not None:
+            from timm.layers import LayerNorm
+
+            kw["norm_layer"] = functools.partial(LayerNorm, eps=float(eps))
         return classes[desc["class"]](**kw)
 
     def default_seq_len(self, model):

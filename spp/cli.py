@@ -85,6 +85,137 @@ def cmd_prune(a) -> int:
     return 0
 
 
+def _heldout(text: Optional[str], limit: int) -> list[str]:
+    from . import embedded
+
+    if text is None:
+        return embedded.split_by_hash(embedded.stdlib_sentences())[1][:limit]
+    return _sentences(text)[:limit]
+
+
+def _load_pruned_dir(d: str):
+    from transformers import AutoTokenizer
+
+    from .prune import load_pruned
+
+    model = load_pruned(d)
+    try:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+def cmd_finetune(a) -> int:
+    from . import embedded
+    from .finetune import evaluate_distill, finetune
+    from .prune import save_pruned
+
+    teacher, tok = _load_text_model(a.model)
+    small, _ = _load_pruned_dir(a.pruned)
+    sents = _sentences(a.text)[: a.sentences]
+    data = embedded.batches(tok, sents, a.batch_size, a.max_length)
+    if len(data) < 2:
+        raise ValueError(f"--sentences/--batch-size leave {len(data)} batches; need at least 2 (one held out)")
+    held, train = data[: max(1, len(data) // 10)], data[max(1, len(data) // 10):]
+    before = evaluate_distill(small, held, teacher)
+    finetune(small, train, teacher, steps=a.steps, lr=a.lr, progress=not a.no_progress, seed=a.seed,
+             checkpoint_dir=a.out, checkpoint_every=a.checkpoint_every or a.steps)
+    after = evaluate_distill(small, held, teacher)
+    save_pruned(small, a.out)
+    tok.save_pretrained(a.out)
+    print(f"fine-tuned model written to {a.out}: held-out distillation loss {before:.4g} -> {after:.4g}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import torch
+
+    from . import embedded
+    from .evaluate import classifier_metrics, embedding_metrics, paraphrase_stability, plot_quality, throughput, write_rows
+
+    dense, tok = _load_text_model(a.model) if a.labelled is None else _load_classifier(a.model)
+    models = {}
+    for d in a.pruned:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"--pruned: no such folder {d!r}")
+        models[os.path.basename(os.path.normpath(d))] = (_load_pruned_dir(d)[0], d)
+    rows = []
+    if a.labelled is None:
+        held = _heldout(a.text, a.sentences)
+        if len(held) < 2:
+            raise ValueError("--text: need at least 2 held-out sentences")
+        dense_emb = embedded.embed(dense, tok, held)
+        para = held[:64]
+        dense_para = paraphrase_stability(lambda s: embedded.embed(dense, tok, s), para)
+        for name, (m, d) in models.items():
+            q = embedding_metrics(embedded.embed(m, tok, held), dense_emb, k=10)
+            q["paraphrase_stability"] = paraphrase_stability(lambda s: embedded.embed(m, tok, s), para)
+            q["dense_paraphrase_stability"] = dense_para
+            rows.append({**_row_meta(name, m, d), **q})
+    else:
+        batches = _labelled_batches(tok, a.labelled, a.batch_size)
+        for name, (m, d) in models.items():
+            rows.append({**_row_meta(name, m, d), **classifier_metrics(m, dense, batches)})
+    enc = tok(_heldout(a.text, a.bench_batch) if a.labelled is None else ["a sentence"] * a.bench_batch,
+              padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    tput = throughput({"dense": dense, **{k: v[0] for k, v in models.items()}}, enc, a.repeats)
+    for r in rows:
+        r["speedup"] = tput[r["name"]] / tput["dense"]
+    write_rows(rows, a.out, "eval")
+    metric = "cosine" if a.labelled is None else "dense_agreement"
+    plot_quality(rows, os.path.join(a.out, "eval.png"), metric)
+    for r in rows:
+        print(f"{r['name']:24s} {r['stage']:9s} pair params {r['pair_params_kept']:.3f}  speedup {r['speedup']:.2f}x  "
+              f"{metric} {r[metric]:.4f}")
+    print(f"wrote {a.out}/eval.json, eval.csv, eval.png")
+    return 0
+
+
+def _row_meta(name, model, d) -> dict:
+    info = model.__dict__.get("_spp_pruned", {})
+    kept = info.get("masks", {}).get("params_kept_fraction")
+    stage = "finetuned" if os.path.exists(os.path.join(d, "finetune_state.json")) else "pruned"
+    return {"name": name, "method": name.split("@")[0], "stage": stage,
+            "pair_params_kept": kept if kept is not None else float("nan"), "folder": d}
+
+
+def _load_classifier(spec: str):
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"--model: {spec!r} is not a model folder (classifiers need one)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return (AutoModelForSequenceClassification.from_pretrained(spec, local_files_only=True).eval(),
+            AutoTokenizer.from_pretrained(spec, local_files_only=True))
+
+
+def _labelled_batches(tok, path: str, batch_size: int):
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--labelled: no such file {path!r}")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            label, sep, text = line.rstrip("\n").partition("\t")
+            if not sep or not label.strip().lstrip("-").isdigit():
+                raise ValueError(f"--labelled: line {n} of {path!r} is not 'label<TAB>text'")
+            pairs.append((int(label), text))
+    if not pairs:
+        raise ValueError(f"--labelled: {path!r} holds no examples")
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        enc = tok([t for _, t in chunk], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        out.append(({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
+                    torch.tensor([lab for lab, _ in chunk])))
+    return out
+
+
 def cmd_info(a) -> int:
     from spp_kernels.info import report
 
@@ -149,6 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--round-to", type=_positive, default=1)
     r.add_argument("--min-keep", type=_positive, default=1)
     r.set_defaults(fn=cmd_prune)
+
+    f = sub.add_parser("finetune", help="recover a pruned text model by distillation from the dense one")
+    f.add_argument("--model", default="minilm", help="the dense teacher: 'minilm' or a Hugging Face BERT folder")
+    f.add_argument("--pruned", required=True, help="folder written by spp prune")
+    f.add_argument("--out", required=True, help="folder for the fine-tuned model (and its checkpoints)")
+    f.add_argument("--text", help="a text file, one sentence per line (default: stdlib docstrings)")
+    f.add_argument("--steps", type=_positive, default=200)
+    f.add_argument("--lr", type=float, default=6e-4)
+    f.add_argument("--sentences", type=_positive, default=4096)
+    f.add_argument("--batch-size", type=_positive, default=16)
+    f.add_argument("--max-length", type=_positive, default=64)
+    f.add_argument("--checkpoint-every", type=_positive, default=None)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(fn=cmd_finetune)
+
+    e = sub.add_parser("eval", help="quality and speed of pruned models against the dense one")
+    e.add_argument("--model", default="minilm", help="the dense model: 'minilm' or a Hugging Face folder")
+    e.add_argument("--pruned", nargs="+", required=True, help="folders written by spp prune / spp finetune")
+    e.add_argument("--out", required=True, help="folder for eval.json, eval.csv, eval.png")
+    e.add_argument("--text", help="held-out sentences, one per line (default: the stdlib held-out split)")
+    e.add_argument("--labelled", help="classifiers: a file of 'label<TAB>text' lines")
+    e.add_argument("--sentences", type=_positive, default=256)
+    e.add_argument("--batch-size", type=_positive, default=32)
+    e.add_argument("--bench-batch", type=_positive, default=16)
+    e.add_argument("--repeats", type=_positive, default=3)
+    e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("info", help="which backend serves each op, and the supported model families")
     i.set_defaults(fn=cmd_info)

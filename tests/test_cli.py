@@ -54,3 +54,28 @@ def test_search_then_prune_roundtrip(tmp_path):
     r = spp("prune", "--path", str(tmp_path / "path"), "--out", str(tmp_path / "x"), "--params", "0.5",
             "--model", str(tmp_path / "small"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_prune_finetune_eval_flow(tmp_path):
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(f"Function {i} returns the parsed value of field {i % 5} or raises an error." for i in range(80)))
+    assert spp("search", "--text", str(text), "--out", str(tmp_path / "path"), "--steps", "8", "--sentences", "32",
+               "--no-progress").returncode == 0
+    small = tmp_path / "spp@0.5"
+    assert spp("prune", "--path", str(tmp_path / "path"), "--out", str(small), "--params", "0.5").returncode == 0
+    tuned = tmp_path / "spp@0.5-ft"
+    r = spp("finetune", "--pruned", str(small), "--out", str(tuned), "--text", str(text), "--steps", "4",
+            "--batch-size", "8", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out distillation loss" in r.stdout
+    r = spp("eval", "--pruned", str(small), str(tuned), "--out", str(tmp_path / "ev"), "--text", str(text),
+            "--sentences", "24", "--repeats", "1", "--bench-batch", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    rows = json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"]
+    assert [(r["name"], r["stage"]) for r in rows] == [("spp@0.5", "pruned"), ("spp@0.5-ft", "finetuned")]
+    for r in rows:
+        assert abs(r["pair_params_kept"] - 0.5) < 0.01 and 0 < r["cosine"] <= 1.0 and r["speedup"] > 0
+    assert (tmp_path / "ev" / "eval.png").stat().st_size > 0 and (tmp_path / "ev" / "eval.csv").stat().st_size > 0
+    r = spp("eval", "--pruned", str(tmp_path / "nope"), "--out", str(tmp_path / "ev2"))
+    assert r.returncode == 2 and "--pruned" in r.stderr and "Traceback" not in r.stderr

@@ -13,6 +13,7 @@ import torch
 
 from .arena import PAIR_KINDS, MaskArena, PairSpec
 
+ALLOCATIONS = ("type", "global", "uniform")
 PATH_FORMAT = "spp-path"
 PATH_VERSION = 1
 _TENSORS = ("entry", "support_count", "z", "m")
@@ -119,13 +120,19 @@ class SolutionPath:
     # --- mask sets ------------------------------------------------------------------------
     def masks(self, keep: Union[float, dict, None] = None, *, params: Optional[float] = None,
               flops: Optional[float] = None, round_to: int = 1, min_keep: int = 1,
-              values: str = "final") -> MaskSet:
+              values: str = "final", allocation: str = "auto", layer_floor: float = 0.0) -> MaskSet:
         """A mask set read off the path for one target (exactly one of them):
 
-        keep:   fraction of units kept per pair type (float, or {"qk": .., "vo": .., "mlp": ..}),
-                one global threshold per type over all layers (the authors' allocation);
-        params: fraction of the pair parameters kept, global cost-aware walk down the ranking;
-        flops:  fraction of the pair FLOPs per token kept, likewise.
+        keep:   fraction of units kept per pair type (float, or {"qk": .., "vo": .., "mlp": ..});
+        params: fraction of the pair parameters kept;
+        flops:  fraction of the pair FLOPs per token kept.
+        allocation: how the target is shared among the pairs —
+                "type":    one global threshold per pair type over all layers (the authors'; the
+                           default for keep=);
+                "global":  cost-aware walk down the whole ranking, each unit charged its params or
+                           FLOPs, pairs of every type competing (the default for params=/flops=);
+                "uniform": every pair keeps the same fraction of its own units, its best ones.
+        layer_floor: with "global", every pair keeps at least this fraction of its units;
         round_to: each pair keeps a multiple of this many units (or all of them);
         min_keep: each pair keeps at least this many units;
         values: "final" folds the kept units' final mask values, "ones" keeps them at 1.
@@ -138,19 +145,34 @@ class SolutionPath:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if values not in ("final", "ones"):
             raise ValueError(f"values must be 'final' or 'ones', got {values!r}")
+        if allocation == "auto":
+            allocation = "type" if given[0] == "keep" else "global"
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS} or 'auto', got {allocation!r}")
+        if given[0] == "keep" and allocation == "global":
+            raise ValueError("allocation='global' needs a params= or flops= budget (keep= is per type)")
+        if isinstance(layer_floor, bool) or not isinstance(layer_floor, numbers.Real) or not 0 <= layer_floor <= 1:
+            raise ValueError(f"layer_floor must be a number in [0, 1], got {layer_floor!r}")
         order = self.rank()
         pos = np.empty_like(order)
         pos[order] = np.arange(order.size)  # pos[u]: rank of unit u
         sizes = np.array([p.size for p in self.pairs])
-        floor = np.minimum(sizes, min_keep)
-        if given[0] == "keep":
-            counts = self._counts_by_type(keep, order, floor)
+        floor = np.minimum(sizes, np.maximum(min_keep, np.ceil(layer_floor * sizes - 1e-9).astype(np.int64)))
+        if allocation == "uniform":
+            if given[0] == "keep":
+                fr = self._type_fractions(keep)
+                frac = np.array([fr[p.kind] for p in self.pairs])
+            else:
+                frac = _fraction(given[0], params if params is not None else flops)
+            counts = np.maximum(np.round(frac * sizes).astype(np.int64), floor)
+            counts = _round_counts(counts, sizes, round_to, floor)
+        elif given[0] == "keep":
+            counts = _round_counts(self._counts_by_type(keep, order, floor), sizes, round_to, floor)
         else:
             frac = _fraction(given[0], params if params is not None else flops)
             cost = self.params_cost if params is not None else self.flops_cost
+            # the walk takes whole round_to groups and stays within the budget
             counts = self._counts_by_budget(frac, cost, order, floor, given[0], round_to, min_keep)
-        if given[0] == "keep":  # a budget walk already takes whole round_to groups, within the budget
-            counts = _round_counts(counts, sizes, round_to, floor)
         kept, n_kept_mask = {}, np.zeros(self.entry.size, bool)
         for i, p in enumerate(self.pairs):
             o = self.offsets[i]
@@ -162,21 +184,23 @@ class SolutionPath:
         target = keep if given[0] == "keep" else (params if params is not None else flops)
         # plain floats (numpy scalars are accepted above but are not JSON-serialisable)
         target = {k: float(v) for k, v in target.items()} if isinstance(target, dict) else float(target)
-        meta = {"target": {given[0]: target},
+        meta = {"target": {given[0]: target}, "allocation": allocation, "layer_floor": float(layer_floor),
                 "round_to": round_to, "min_keep": min_keep, "values": values}
         return MaskSet(kept, {p.name: p.size for p in self.pairs}, self.fingerprint,
                        float(self.params_cost[n_kept_mask].sum()), float(self.params_cost.sum()),
                        float(self.flops_cost[n_kept_mask].sum()), float(self.flops_cost.sum()), meta)
 
-    def _counts_by_type(self, keep, order, floor) -> np.ndarray:
+    @staticmethod
+    def _type_fractions(keep) -> dict:
         if isinstance(keep, dict):
-            bad = set(keep) - set(PAIR_KINDS)
-            if bad or set(keep) != set(PAIR_KINDS):
+            if set(keep) != set(PAIR_KINDS):
                 raise ValueError(f"keep as a dict needs exactly the keys {PAIR_KINDS}, got {sorted(keep)}")
-            fr = {k: _fraction(f"keep[{k!r}]", v) for k, v in keep.items()}
-        else:
-            f = _fraction("keep", keep)
-            fr = {k: f for k in PAIR_KINDS}
+            return {k: _fraction(f"keep[{k!r}]", v) for k, v in keep.items()}
+        f = _fraction("keep", keep)
+        return {k: f for k in PAIR_KINDS}
+
+    def _counts_by_type(self, keep, order, floor) -> np.ndarray:
+        fr = self._type_fractions(keep)
         counts = floor.copy()
         for kind in PAIR_KINDS:
             units = order[self.kind[order] == kind]  # ranked units of this type

@@ -43,30 +43,36 @@ def stdlib_sentences(limit: Optional[int] = None, min_chars: int = 40, max_chars
     ast, nothing imported), deduplicated, in a stable order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     seen, out = set(), []
-    files = sorted(p for p in root.glob("*.py")) + sorted(root.glob("*/*.py"))
+    files = sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
     for f in files:
         if "test" in f.parts[-2] or f.name.startswith("test"):
             continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            for para in re.split(r"\n\s*\n", doc):
-                text = " ".join(para.split())
-                for s in _SENT.split(text):
-                    if min_chars <= len(s) <= max_chars and s[0].isupper() and s.isascii() and ">>>" not in s \
-                            and s.count(" ") >= 5 and s not in seen:
-                        seen.add(s)
-                        out.append(s)
+        for s in _docstring_sentences(f, min_chars, max_chars):
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
         if limit and len(out) >= limit:
             break
     return out[:limit] if limit else out
+
+
+def _docstring_sentences(f: Path, min_chars: int, max_chars: int):
+    try:
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node)
+        if not doc:
+            continue
+        for para in re.split(r"\n\s*\n", doc):
+            text = " ".join(para.split())
+            for s in _SENT.split(text):
+                if min_chars <= len(s) <= max_chars and s[0].isupper() and s.isascii() and ">>>" not in s and "---" not in s \
+                        and s.count(" ") >= 5:
+                    yield s
 
 
 def split_by_hash(sentences: list[str], heldout_fraction: float = 0.2) -> tuple[list[str], list[str]]:
@@ -98,3 +104,28 @@ def embed(model, tok, sentences: list[str], batch_size: int = 64, max_length: in
         e = (h * w).sum(1) / w.sum(1).clamp_min(1e-9)
         outs.append(torch.nn.functional.normalize(e.float(), dim=-1))
     return torch.cat(outs)
+
+
+def package_sentences(packages=("numpy", "matplotlib", "timm", "safetensors", "tqdm"), limit: Optional[int] = None,
+                      min_chars: int = 40, max_chars: int = 240) -> list[str]:
+    """Docstring sentences of installed third-party packages (parsed, not imported): held-out
+    text from another source than the standard library's docstrings the demo searches on."""
+    import importlib.util
+
+    roots = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            roots.extend(Path(p) for p in spec.submodule_search_locations)
+    seen, out = set(), []
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            if "test" in str(f.relative_to(root)).lower():
+                continue
+            for s in _docstring_sentences(f, min_chars, max_chars):
+                if s not in seen:
+                    seen.add(s)
+                    out.append(s)
+            if limit and len(out) >= limit:
+                return out[:limit]
+    return out

@@ -42,11 +42,15 @@ def stdlib_sentences(limit: Optional[int] = None, min_chars: int = 40, max_chars
     """Sentences from the docstrings of the Python standard library's source files (parsed with
     ast, nothing imported), deduplicated, in a stable order."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
+             if "test" not in f.parts[-2] and not f.name.startswith("test")]
+    return _unique_sentences(files, limit, min_chars, max_chars)
+
+
+def _unique_sentences(files, limit: Optional[int], min_chars: int, max_chars: int) -> list[str]:
+    """Docstring sentences of ``files`` in order, each once, stopping after the file that reaches ``limit``."""
     seen, out = set(), []
-    files = sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
     for f in files:
-        if "test" in f.parts[-2] or f.name.startswith("test"):
-            continue
         for s in _docstring_sentences(f, min_chars, max_chars):
             if s not in seen:
                 seen.add(s)
@@ -117,15 +121,5 @@ def package_sentences(packages=("numpy", "matplotlib", "timm", "safetensors", "t
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             roots.extend(Path(p) for p in spec.submodule_search_locations)
-    seen, out = set(), []
-    for root in roots:
-        for f in sorted(root.rglob("*.py")):
-            if "test" in str(f.relative_to(root)).lower():
-                continue
-            for s in _docstring_sentences(f, min_chars, max_chars):
-                if s not in seen:
-                    seen.add(s)
-                    out.append(s)
-            if limit and len(out) >= limit:
-                return out[:limit]
-    return out
+    files = [f for root in roots for f in sorted(root.rglob("*.py")) if "test" not in str(f.relative_to(root)).lower()]
+    return _unique_sentences(files, limit, min_chars, max_chars)

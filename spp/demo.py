@@ -180,7 +180,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Search: {s['steps']} steps in {s['seconds']:.1f} s; {dg['fraction_entered'] * 100:.1f} % of "
         f"{dg['units']} units entered, {dg['distinct_entry_steps']} distinct entry steps, entry-step "
-        f"quantiles (10/50/90 %) {dg['entry_step_q10_q50_q90']}"
+        f"quantiles (10/50/90 %) {dg['entry_step_q10_q50_q90']}, first and last entry {dg['entry_first_last']}"
         + (f"; DEGENERATE: {dg['why']}" if dg["degenerate"] else "; path not degenerate") + ".",
         f"Fine-tune: {ft['steps']} steps of {ft['batch']} sentences (lr {ft['lr']:g}) at ratios {ft['ratios']}, "
         f"the same for every method, {ft['seconds']:.1f} s in all.",

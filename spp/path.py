@@ -113,6 +113,8 @@ class SolutionPath:
             "units": int(self.entry.size), "fraction_entered": float(entered.mean()) if self.entry.size else 0.0,
             "distinct_entry_steps": distinct, "entry_step_q10_q50_q90": q, "steps": self.steps,
             "support_growth_span": growth_span,
+            # first and last entry: the support keeps growing over this part of the run
+            "entry_first_last": [int(e.min()), int(e.max())] if e.size else [None, None],
         }
         d["degenerate"], d["why"] = _degenerate(d)
         return d

@@ -33,7 +33,7 @@ class DemoConfig:
     bench_seq: int = 128
     bench_repeats: int = 3
     finetune_ratios: tuple = (0.5,)
-    finetune_steps: int = 100
+    finetune_steps: int = 60
     finetune_batch: int = 16
     finetune_lr: float = 6e-4
     seed: int = 0

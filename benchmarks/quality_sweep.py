@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import spp  # noqa: E402
 from spp import embedded  # noqa: E402
-from spp.baselines import activation_path, magnitude_path, random_path, taylor_path  # noqa: E402
+from spp.baselines import activation_path, magnitude_path, random_path, taylor_path, torch_pruning_path  # noqa: E402
 from spp.evaluate import embedding_metrics, write_rows  # noqa: E402
 from spp.finetune import finetune  # noqa: E402
 
@@ -87,6 +87,11 @@ def main() -> None:
     paths["magnitude"] = magnitude_path(h)
     paths["activation"] = activation_path(h, rank_data)
     paths["taylor"] = taylor_path(h, rank_data)
+    try:
+        for imp in ("magnitude", "taylor"):
+            paths[f"tp-{imp}"] = torch_pruning_path(h, rank_data[:8], imp)
+    except ImportError as exc:
+        print(f"Torch-Pruning baselines skipped: {exc}", flush=True)
     for s in range(1 if a.quick else 5):
         paths[f"random_{s}"] = random_path(h, seed=s)
 

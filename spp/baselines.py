@@ -158,3 +158,55 @@ def spp_act(mlp):
 def activation_path(model, data, max_batches: int = 16) -> SolutionPath:
     handle = resolve(model)
     return path_from_scores(handle, activation_scores(model, data, max_batches), "activation")
+
+
+def torch_pruning_path(model, data, importance: str = "magnitude", max_batches: int = 8, seed: int = 0) -> SolutionPath:
+    """Torch-Pruning's group importance ("magnitude": L2 group norm; "taylor": |w · ∂L/∂w| with L a
+    random read-out of the output, as in :func:`taylor_path`) on each pair's own layers, summed
+    over heads for the shared head-dimension units. Needs ``torch-pruning``; Hugging Face BERT only."""
+    import copy
+
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ImportError("the Torch-Pruning baseline needs the optional package torch-pruning") from None
+    from .handle import detach
+
+    handle = resolve(model)
+    if handle.adapter.family != "bert":
+        raise ValueError("the Torch-Pruning baseline supports the bert family only")
+    if importance not in ("magnitude", "taylor"):
+        raise ValueError(f"importance must be 'magnitude' or 'taylor', got {importance!r}")
+    net = detach(copy.deepcopy(handle.model))  # the copy's own original modules, same weights
+    batches = list(_batches_on(handle, data, max_batches))
+    if not batches:
+        raise ValueError("data is empty")
+    dg = tp.DependencyGraph().build_dependency(net, example_inputs=dict(batches[0]))
+    if importance == "taylor":
+        imp = tp.importance.GroupTaylorImportance()
+        gen = torch.Generator().manual_seed(seed)
+        net.zero_grad()
+        for b in batches:
+            out = net(**b).last_hidden_state
+            r = torch.randn(out.shape, generator=gen) * b["attention_mask"].unsqueeze(-1)
+            (out * r).sum().backward()
+    else:
+        imp = tp.importance.GroupMagnitudeImportance(p=2)
+
+    def scores(lead, members):
+        g = dg.get_pruning_group(lead, tp.prune_linear_out_channels, idxs=list(range(lead.out_features)))
+        sub = tp.dependency.Group()
+        sub._DG = dg
+        for item in g.items:  # keep the pair's own layers (the graph couples q, k, v and o via SDPA)
+            if item.dep.target.module in members:
+                sub.items.append(item)
+        return imp(sub).detach().double()
+
+    out = []
+    for layer in net.encoder.layer:
+        sa, H = layer.attention.self, layer.attention.self.num_attention_heads
+        qk = scores(sa.query, {sa.query, sa.key})
+        vo = scores(sa.value, {sa.value, layer.attention.output.dense})
+        out += [qk.reshape(H, -1).sum(0), vo.reshape(H, -1).sum(0),
+                scores(layer.intermediate.dense, {layer.intermediate.dense, layer.output.dense})]
+    return path_from_scores(handle, torch.cat(out).numpy(), f"torch_pruning_{importance}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spp
-from spp.baselines import activation_scores, magnitude_scores, random_path, taylor_path
+from spp.baselines import activation_scores, magnitude_scores, random_path, taylor_path, torch_pruning_path
 from helpers import HEAD_DIM, HEADS, bert_batch, tiny_bert
 
 
@@ -59,3 +59,24 @@ def test_empty_data_is_refused():
         taylor_path(h, [])
     with pytest.raises(ValueError, match="empty"):
         activation_scores(h, [])
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_torch_pruning_baseline(importance):
+    model = tiny_bert()
+    layer = model.encoder.layer[1]
+    fc1, fc2 = layer.intermediate.dense, layer.output.dense
+    with torch.no_grad():  # mlp unit 3 of layer 1 is dead: no weights in or out
+        fc1.weight[3] = 0.0
+        fc1.bias[3] = 0.0
+        fc2.weight[:, 3] = 0.0
+    h = spp.attach(model)
+    p = torch_pruning_path(h, [bert_batch(seed=s) for s in range(2)], importance)
+    o = h.arena.offsets["blocks.1.mlp"]
+    mlp = p.z[o:o + h.arena.pair("blocks.1.mlp").size]
+    assert p.z.shape == (h.arena.numel,) and np.all(np.isfinite(p.z))
+    assert mlp[3] == mlp.min() and mlp[3] < 1e-6 * mlp.max()
+    if importance == "magnitude":  # the L2 group norm of the unit's fc1 row, bias and fc2 column
+        want = fc1.weight.detach().pow(2).sum(1) + fc1.bias.detach().pow(2) + fc2.weight.detach().pow(2).sum(0)
+        assert np.array_equal(np.argsort(mlp), np.argsort(want.numpy()))
+    assert torch.all(h.arena.m == 1)  # the attached model is untouched

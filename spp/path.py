@@ -31,13 +31,14 @@ class MaskSet:
     flops_kept: float
     flops_total: float
     meta: dict = field(default_factory=dict)
+    source: Optional[str] = None  # the path file the masks were read off, for error messages
 
     def widths(self) -> dict[str, int]:
         return {k: int(v[0].numel()) for k, v in self.kept.items()}
 
     def check_compatible(self, fp: dict) -> None:
         """ValueError unless these masks were made for a model with fingerprint ``fp``."""
-        check_fingerprint(self.fingerprint, fp, what="masks")
+        check_fingerprint(self.fingerprint, fp, what=f"masks read off {self.source}" if self.source else "masks")
 
     def summary(self) -> dict:
         return {
@@ -85,6 +86,7 @@ class SolutionPath:
                 raise ValueError(f"path array {name} has shape {getattr(self, name).shape}, expected ({n},)")
         self.steps, self.settings, self.fingerprint = int(steps), dict(settings), dict(fingerprint)
         self.history = history or {}
+        self.source: Optional[str] = None  # set by load(): the file this path was read from
         self.offsets = np.cumsum([0] + [p.size for p in self.pairs])[:-1]
         self.pair_id = np.concatenate([np.full(p.size, i) for i, p in enumerate(self.pairs)]) if self.pairs else np.zeros(0, int)
         self.params_cost = np.concatenate([np.full(p.size, p.params_per_unit, float) for p in self.pairs])
@@ -190,7 +192,8 @@ class SolutionPath:
                 "round_to": round_to, "min_keep": min_keep, "values": values}
         return MaskSet(kept, {p.name: p.size for p in self.pairs}, self.fingerprint,
                        float(self.params_cost[n_kept_mask].sum()), float(self.params_cost.sum()),
-                       float(self.flops_cost[n_kept_mask].sum()), float(self.flops_cost.sum()), meta)
+                       float(self.flops_cost[n_kept_mask].sum()), float(self.flops_cost.sum()), meta,
+                       self.source)
 
     @staticmethod
     def _type_fractions(keep) -> dict:
@@ -244,39 +247,84 @@ class SolutionPath:
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        """Write ``path.safetensors`` and ``path.json`` into ``directory`` (atomically per file)."""
-        from safetensors.torch import save_file
+        """Write ``path.safetensors`` and ``path.json`` into ``directory``: both are staged in
+        temporary files first, so a failed write (full disk, …) leaves no file behind; path.json
+        records the checksum of path.safetensors. NaN/Inf in the arrays is refused."""
+        import hashlib
 
-        from .io import atomic_write_json, atomic_path
+        from safetensors.torch import save
 
-        os.makedirs(directory, exist_ok=True)
+        from .io import atomic_paths, json_bytes, prepare_output_dir, write_bytes
+
+        for name in ("z", "m"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise ValueError(f"path array {name} holds NaN or Inf; refusing to save it")
+        directory = prepare_output_dir(directory, "directory")
         tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in _TENSORS}
-        with atomic_path(os.path.join(directory, "path.safetensors")) as tmp:
-            save_file(tensors, tmp)
-        atomic_write_json(os.path.join(directory, "path.json"), {
+        blob = save(tensors)
+        meta = json_bytes({
             "format": PATH_FORMAT, "version": PATH_VERSION, "steps": self.steps,
             "pairs": [p.to_dict() for p in self.pairs], "settings": self.settings,
             "fingerprint": self.fingerprint, "history": self.history, "diagnostics": self.diagnostics(),
-        })
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+        }, reject_nan=True)
+        files = [os.path.join(directory, "path.safetensors"), os.path.join(directory, "path.json")]
+        with atomic_paths(files) as (t_tmp, j_tmp):
+            write_bytes(t_tmp, blob)
+            write_bytes(j_tmp, meta)
 
     @classmethod
     def load(cls, directory: str) -> "SolutionPath":
         """Read a path written by :meth:`save`; clear errors for missing or corrupt files."""
         from .io import read_json, read_safetensors
 
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a folder path, got {type(directory).__name__}")
+        directory = os.fspath(directory)
         meta = read_json(os.path.join(directory, "path.json"), expect_format=PATH_FORMAT, max_version=PATH_VERSION)
         jpath = os.path.join(directory, "path.json")
+        tpath = os.path.join(directory, "path.safetensors")
         try:
             pairs = [PairSpec(**p) for p in meta["pairs"]]
             steps, settings, fp = meta["steps"], meta["settings"], meta["fingerprint"]
-        except (KeyError, TypeError) as exc:
+            _check_pairs(pairs)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+            if not isinstance(settings, dict) or not isinstance(fp, dict):
+                raise ValueError("settings and fingerprint must be JSON objects")
+            history = meta.get("history") or {}
+            if not isinstance(history, dict):
+                raise ValueError("history must be a JSON object")
+            sha = meta.get("tensors_sha256")
+            if sha is not None and not isinstance(sha, str):
+                raise ValueError("tensors_sha256 must be a string")
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{jpath}: missing or malformed field ({exc})") from None
-        t = read_safetensors(os.path.join(directory, "path.safetensors"), _TENSORS)
+        t = read_safetensors(tpath, _TENSORS, sha256=sha, against=jpath)
+        want = {"entry": torch.int64, "support_count": torch.int64, "z": torch.float64, "m": torch.float32}
+        bad = {k: str(t[k].dtype) for k, d in want.items() if t[k].dtype != d}
+        if bad:
+            raise ValueError(f"{tpath}: unexpected tensor dtypes {bad}")
         try:
-            return cls(pairs, t["entry"].numpy(), t["support_count"].numpy(), t["z"].numpy(), t["m"].numpy(),
-                       steps, settings, fp, meta.get("history"))
+            path = cls(pairs, t["entry"].numpy(), t["support_count"].numpy(), t["z"].numpy(), t["m"].numpy(),
+                       steps, settings, fp, history)
         except ValueError as exc:
-            raise ValueError(f"{os.path.join(directory, 'path.safetensors')}: does not match {jpath}: {exc}") from None
+            raise ValueError(f"{tpath}: does not match {jpath}: {exc}") from None
+        path.source = jpath
+        return path
+
+
+def _check_pairs(pairs: list) -> None:
+    """ValueError unless every pair of a loaded file is well-formed."""
+    for p in pairs:
+        if not isinstance(p.name, str) or p.kind not in PAIR_KINDS:
+            raise ValueError(f"pair {p.name!r}: kind must be one of {PAIR_KINDS}, got {p.kind!r}")
+        for k in ("layer", "size", "params_per_unit", "flops_per_unit"):
+            v = getattr(p, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"pair {p.name!r}: {k} must be an int >= 0, got {v!r}")
+    if len({p.name for p in pairs}) != len(pairs):
+        raise ValueError("pair names are not unique")
 
 
 def _round_counts(counts, sizes, round_to, floor) -> np.ndarray:

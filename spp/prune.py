@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from .adapters import adapter_by_family, find_adapter
 from .handle import _ATTR, fingerprint, get_handle
-from .io import atomic_path, atomic_write_json, read_json, read_safetensors
+from .io import (atomic_paths, json_bytes, prepare_output_dir, read_json, read_safetensors, save_model_file,
+                 sha256_file, write_bytes)
 from .path import MaskSet
 
 PRUNED_FORMAT = "spp-pruned-model"
@@ -45,11 +46,7 @@ def save_pruned(model: nn.Module, directory: str) -> None:
         raise ValueError("model is not a pruned model (use spp.prune first)")
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a path, got {type(directory).__name__}")
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"directory {directory!r} is not writable")
-    from safetensors.torch import save_model
+    directory = prepare_output_dir(directory, "directory")
 
     # check that load_pruned will rebuild exactly this architecture before writing anything
     skeleton = _rebuild(info)
@@ -58,27 +55,37 @@ def save_pruned(model: nn.Module, directory: str) -> None:
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:5]
         raise ValueError(f"save_pruned: this model cannot be rebuilt from its description (first differences: {diff})")
-    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
-        save_model(model, tmp)
-    atomic_write_json(os.path.join(directory, "config.json"), {
-        "format": PRUNED_FORMAT, "version": PRUNED_VERSION, **info,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-    })
+    # both files are staged first: a failed write (full disk, ...) leaves neither behind
+    files = [os.path.join(directory, "model.safetensors"), os.path.join(directory, "config.json")]
+    with atomic_paths(files) as (w_tmp, c_tmp):
+        save_model_file(model, w_tmp)
+        write_bytes(c_tmp, json_bytes({
+            "format": PRUNED_FORMAT, "version": PRUNED_VERSION, **info,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "tensors_sha256": sha256_file(w_tmp),
+        }))
 
 
 def load_pruned(directory: str, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_pruned` (safetensors + JSON; nothing is unpickled)."""
-    cfg_path = os.path.join(directory, "config.json")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a folder path, got {type(directory).__name__}")
+    cfg_path = os.path.join(os.fspath(directory), "config.json")
     info = read_json(cfg_path, expect_format=PRUNED_FORMAT, max_version=PRUNED_VERSION)
     for key in ("family", "describe", "widths"):
         if key not in info:
             raise ValueError(f"{cfg_path}: missing field {key!r}")
     try:
         model = _rebuild(info)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{cfg_path}: malformed model description ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: {exc}") from None
     wpath = os.path.join(directory, "model.safetensors")
-    state = read_safetensors(wpath)
+    sha = info.get("tensors_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise ValueError(f"{cfg_path}: malformed field tensors_sha256")
+    state = read_safetensors(wpath, sha256=sha, against=cfg_path)
     dtype = getattr(torch, info.get("dtype", "float32"), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{cfg_path}: unknown dtype {info.get('dtype')!r}")

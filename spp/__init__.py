@@ -13,12 +13,13 @@ from .arena import MaskArena, PairSpec
 from .handle import SppHandle, attach, detach
 from .path import MaskSet, SolutionPath
 from .prune import load_pruned, prune, save_pruned
-from .search import SearchConfig, distill_loss, search
+from .io import DiskFullError, NotWritableError
+from .search import NonFiniteError, SearchConfig, SearchInterrupted, distill_loss, search
 
 __all__ = [
     "attach", "detach", "search", "prune", "save_pruned", "load_pruned", "SolutionPath", "MaskSet",
     "MaskArena", "PairSpec", "SppHandle", "SearchConfig", "distill_loss", "find_adapter", "supported",
-    "ADAPTERS", "load_path",
+    "ADAPTERS", "load_path", "SearchInterrupted", "NonFiniteError", "NotWritableError", "DiskFullError",
 ]
 __version__ = "0.1.0"
 

@@ -13,8 +13,12 @@ steps so that the support grows over the whole run (a unit that stays at m = 1 e
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import signal
+import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -22,8 +26,10 @@ import torch.nn as nn
 
 import spp_kernels
 
+from . import checkpoint as ckpt
 from .handle import SppHandle, resolve
-from .path import SolutionPath
+from .io import prepare_output_dir
+from .path import SolutionPath, check_fingerprint
 
 
 @dataclass
@@ -45,6 +51,7 @@ class SearchConfig:
     optimizer: str = "adamw"
     record_every: int = 10
     seed: int = 0
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or update
 
     @property
     def warmup_steps(self) -> int:
@@ -60,21 +67,51 @@ class SearchConfig:
         return self.entry_frac * total
 
 
+_NUMBERS = ("lr", "beta1", "beta2", "eps", "weight_decay", "kappa", "nu", "entry_frac", "warmup_frac")
+_INTS = ("steps", "calib_batches", "record_every", "seed", "max_nonfinite_steps")
+# settings that do not change the arithmetic of the search: a resumed search may change them
+_RUNTIME = ("max_nonfinite_steps",)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_config(cfg: SearchConfig) -> None:
-    if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
+    """TypeError for a wrong type, ValueError for a value out of range; both name the setting."""
+    for name in _INTS:
+        v = getattr(cfg, name)
+        if not _is_int(v):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    for name in _NUMBERS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    for name in ("lam", "loss_scale"):
+        v = getattr(cfg, name)
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise TypeError(f"{name} must be 'auto' or a number, got {type(v).__name__} {v!r}")
+    for name in ("mode", "optimizer"):
+        if not isinstance(getattr(cfg, name), str):
+            raise TypeError(f"{name} must be a str, got {type(getattr(cfg, name)).__name__}")
+    if cfg.steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {cfg.steps!r}")
-    if not (isinstance(cfg.entry_frac, (int, float)) and 0 < cfg.entry_frac <= 1):
+    if not 0 < cfg.entry_frac <= 1:
         raise ValueError(f"entry_frac must be in (0, 1], got {cfg.entry_frac!r}")
-    if not (isinstance(cfg.warmup_frac, (int, float)) and 0 <= cfg.warmup_frac < 1):
+    if not 0 <= cfg.warmup_frac < 1:
         raise ValueError(f"warmup_frac must be in [0, 1), got {cfg.warmup_frac!r}")
-    if cfg.lam != "auto" and not (isinstance(cfg.lam, (int, float)) and cfg.lam >= 0):
-        raise ValueError(f"lam must be 'auto' or a number >= 0, got {cfg.lam!r}")
-    if cfg.loss_scale != "auto" and not (isinstance(cfg.loss_scale, (int, float)) and cfg.loss_scale > 0):
-        raise ValueError(f"loss_scale must be 'auto' or a positive number, got {cfg.loss_scale!r}")
-    if not isinstance(cfg.record_every, int) or cfg.record_every < 1:
-        raise ValueError(f"record_every must be an int >= 1, got {cfg.record_every!r}")
+    if cfg.lam != "auto" and not (cfg.lam >= 0 and math.isfinite(cfg.lam)):
+        raise ValueError(f"lam must be 'auto' or a finite number >= 0, got {cfg.lam!r}")
+    if cfg.loss_scale != "auto" and not (cfg.loss_scale > 0 and math.isfinite(cfg.loss_scale)):
+        raise ValueError(f"loss_scale must be 'auto' or a finite positive number, got {cfg.loss_scale!r}")
+    for name in ("record_every", "calib_batches", "max_nonfinite_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {getattr(cfg, name)!r}")
     spp_kernels.reference.check_inclusion_args(1, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay,
-                                               cfg.kappa, cfg.resolved_lam(), cfg.nu, cfg.mode, cfg.optimizer)
+                                               cfg.kappa, 0.0, cfg.nu, cfg.mode, cfg.optimizer)
+    lam = cfg.resolved_lam()
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lam resolves to {lam!r}; check lr, kappa and entry_frac")
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -88,17 +125,21 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, weights: Optional
 
 
 class _Batches:
-    """Cycles over ``data``; caches teacher outputs when ``data`` is a finite sequence."""
+    """Cycles over ``data``; caches teacher outputs when ``data`` is a finite sequence.
+
+    The position (for checkpoints) is the index of the last batch served for a sequence, and the
+    number of batches consumed for any other iterable (a resumed search skips that many)."""
 
     def __init__(self, data):
-        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
             raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
         self.seq = data if isinstance(data, (list, tuple)) else None
         if self.seq is not None and len(self.seq) == 0:
             raise ValueError("data is empty")
-        self.data, self.it, self.i = data, None, -1
+        self.data, self.it, self.i, self.consumed = data, None, -1, 0
 
     def next(self) -> tuple[Optional[int], Any]:
+        self.consumed += 1
         if self.seq is not None:
             self.i = (self.i + 1) % len(self.seq)
             return self.i, self.seq[self.i]
@@ -111,6 +152,25 @@ class _Batches:
                 self.it = None
         raise ValueError("data is empty")
 
+    def position(self) -> dict:
+        if self.seq is not None:
+            return {"kind": "sequence", "index": self.i, "length": len(self.seq), "consumed": self.consumed}
+        return {"kind": "iterator", "consumed": self.consumed}
+
+    def restore(self, pos: dict, where: str) -> None:
+        kind = "sequence" if self.seq is not None else "iterator"
+        if pos["kind"] != kind:
+            raise ValueError(f"{where}: the checkpoint was written for {pos['kind']} data, this search gets {kind} data")
+        if self.seq is not None:
+            if pos["length"] != len(self.seq):
+                raise ValueError(f"{where}: the checkpoint was written for {pos['length']} batches of data, "
+                                 f"this search gets {len(self.seq)}")
+            self.i, self.consumed = pos["index"], pos["consumed"]
+            return
+        self.it, self.consumed = None, 0
+        for _ in range(pos["consumed"]):
+            self.next()
+
 
 def _to_device(batch, device):
     if isinstance(batch, torch.Tensor):
@@ -122,6 +182,71 @@ def _to_device(batch, device):
     return batch
 
 
+class SearchInterrupted(KeyboardInterrupt):
+    """A search stopped by SIGINT/SIGTERM after writing a checkpoint; resume it with ``resume=True``."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: str):
+        self.signum, self.step, self.steps, self.checkpoint = signum, step, steps, checkpoint
+        super().__init__(f"search interrupted by {signal.Signals(signum).name} after step {step} of {steps}; "
+                         f"checkpoint written to {checkpoint}; continue with resume=True (CLI: --resume)")
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a NaN/Inf loss, mask gradient or update."""
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM handlers for the duration of a search: the first signal is noted (the search
+    checkpoints after the current step and stops), a second one stops at once. The previous
+    handlers are restored on exit. Installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: Optional[int] = None
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.received = signum
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self.previous = {}
+        return False
+
+
+_ARENA = ("m", "exp_avg", "exp_avg_sq", "z", "gamma", "entry", "support_count")
+
+
+def _check_run_args(progress, callback, checkpoint_dir, checkpoint_every, resume) -> None:
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(step, loss, handle) or None, got {type(callback).__name__}")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a folder path or None, got {type(checkpoint_dir).__name__}")
+    if not _is_int(checkpoint_every):
+        raise TypeError(f"checkpoint_every must be an int, got {type(checkpoint_every).__name__} {checkpoint_every!r}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: only at the start, the end and on SIGINT/SIGTERM), "
+                         f"got {checkpoint_every}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
+    if checkpoint_dir is None and (checkpoint_every or resume):
+        raise ValueError(f"{'resume' if resume else 'checkpoint_every'} needs checkpoint_dir")
+
+
 def search(
     model: Union[nn.Module, SppHandle],
     data: Iterable,
@@ -130,6 +255,9 @@ def search(
     config: Optional[SearchConfig] = None,
     progress: bool = True,
     callback: Optional[Callable[[int, float, SppHandle], None]] = None,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
     **overrides,
 ) -> SolutionPath:
     """Search the solution path of an attached model (``spp.attach`` first).
@@ -138,17 +266,61 @@ def search(
     for BERT, image tensors (or (images, labels)) for ViTs. loss: "distill" (relative squared
     error to the frozen dense model's outputs) or ``callable(model, batch) -> scalar tensor``.
     Weights stay frozen. Keyword overrides set fields of :class:`SearchConfig`.
+
+    Checkpoints (``checkpoint_dir``): the full search state is written atomically after the
+    calibration, every ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM (then the
+    search raises :class:`SearchInterrupted`); ``resume=True`` continues from the checkpoint in
+    ``checkpoint_dir`` and gives a path bit-identical to an uninterrupted run (same data, settings
+    and device; iterator data must yield the same batches again when re-iterated, the batches
+    consumed before the checkpoint are skipped). Without a checkpoint there, ``resume=True``
+    warns and starts afresh; without ``resume`` a folder holding an unfinished search is refused.
+
+    Non-finite steps: a step whose loss, mask gradient or update is NaN/Inf changes nothing and is
+    counted (``path.history["skipped"]``); after ``max_nonfinite_steps`` consecutive ones the
+    search raises :class:`NonFiniteError` naming the step (the last good checkpoint stays).
+
     Returns the :class:`SolutionPath`; its ``diagnostics()`` say whether the path is degenerate.
     """
     handle = resolve(model)
+    if config is not None and not isinstance(config, SearchConfig):
+        raise TypeError(f"config must be a SearchConfig or None, got {type(config).__name__}")
+    known = {f.name for f in fields(SearchConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown search option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     cfg = config or SearchConfig()
     cfg = SearchConfig(**{**asdict(cfg), "steps": steps, **overrides})
     _check_config(cfg)
-    if not (loss == "distill" or callable(loss)):
+    if not ((isinstance(loss, str) and loss == "distill") or callable(loss)):
         raise ValueError(f"loss must be 'distill' or a callable(model, batch) -> scalar, got {loss!r}")
+    _check_run_args(progress, callback, checkpoint_dir, checkpoint_every, resume)
     net, arena, adapter = handle.model, handle.arena, handle.adapter
     device = arena.m.device
     batches = _Batches(data)
+    loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "callable")
+    lam = cfg.resolved_lam()
+    fp = handle.fingerprint()
+
+    state = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = prepare_output_dir(checkpoint_dir, "checkpoint_dir")
+        if resume and ckpt.exists(checkpoint_dir):
+            state = ckpt.load_checkpoint(checkpoint_dir)
+            _check_resumable(state, cfg, lam, loss_name, fp)
+        elif resume:
+            warnings.warn(f"spp.search: no checkpoint in {checkpoint_dir!r}; starting from step 0", RuntimeWarning,
+                          stacklevel=2)
+        elif ckpt.exists(checkpoint_dir):
+            jpath = os.path.join(checkpoint_dir, ckpt.CKPT_JSON)
+            try:
+                old = ckpt.peek(checkpoint_dir)
+            except ValueError as exc:
+                raise ValueError(f"checkpoint_dir holds an unreadable checkpoint ({exc}); remove it or choose "
+                                 "another folder") from None
+            if not old.get("complete", False):
+                raise ValueError(f"checkpoint_dir {checkpoint_dir!r} holds an unfinished search (step "
+                                 f"{old.get('step')} of {old.get('steps')}, {jpath}): pass resume=True (CLI: --resume) "
+                                 "to continue it, or remove it / choose another folder")
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -160,11 +332,19 @@ def search(
     arena.reset_state()
     teacher_cache: dict[int, tuple] = {}
 
+    def forward(batch):
+        try:
+            return adapter.forward(net, batch)
+        except TypeError as exc:
+            if "batch" in str(exc):
+                raise TypeError(f"data: {exc}") from None
+            raise
+
     def teacher(idx, batch):
         if idx is not None and idx in teacher_cache:
             return teacher_cache[idx]
         with torch.no_grad(), handle.dense():
-            out = adapter.forward(net, batch)
+            out = forward(batch)
         out = (out[0].detach(), out[1])
         if idx is not None:
             teacher_cache[idx] = out
@@ -173,59 +353,122 @@ def search(
     def loss_of(batch, idx):
         if loss == "distill":
             t_out, w = teacher(idx, batch)
-            s_out, _ = adapter.forward(net, batch)
+            s_out, _ = forward(batch)
             return distill_loss(s_out, t_out, w)
-        return loss(net, batch)
+        L = loss(net, batch)
+        if not isinstance(L, torch.Tensor) or L.numel() != 1 or not L.is_floating_point():
+            raise TypeError(f"loss must return a scalar float tensor, got {type(L).__name__}"
+                            + (f" {L.dtype} of shape {tuple(L.shape)}" if isinstance(L, torch.Tensor) else ""))
+        return L.reshape(())
 
-    lam = cfg.resolved_lam()
-    history = {"step": [], "loss": [], "support": []}
+    history = {"step": [], "loss": [], "support": [], "skipped": []}
+    consecutive = 0
+    last_ckpt: Optional[tuple[str, int]] = None
+    scale = None
+
+    def save(t: int) -> str:
+        st = ckpt.SearchState(
+            step=t, steps=cfg.steps, arenas={n: getattr(arena, n).detach() for n in _ARENA}, config=asdict(cfg),
+            lam=lam, loss_scale=scale, loss=loss_name, fingerprint=fp, data=batches.position(),
+            history={k: list(v) for k, v in history.items() if k != "skipped"},
+            nonfinite={"skipped": list(history["skipped"]), "consecutive": consecutive}, rng=ckpt.capture_rng())
+        return ckpt.save_checkpoint(checkpoint_dir, st)
+
+    guard = _SignalGuard(enabled=checkpoint_dir is not None)
+    bar = None
     try:
-        if cfg.loss_scale != "auto":
-            scale = float(cfg.loss_scale)
-        elif loss == "distill":
-            scale = _calibrate(handle, batches, cfg, gen, device, teacher)
-        else:
-            scale = _gradient_scale(handle, batches, cfg, device, loss_of)
-        bar = _progress(cfg.steps, progress)
-        for t in range(1, cfg.steps + 1):
-            idx, batch = batches.next()
-            batch = _to_device(batch, device)
-            arena.m.grad = None
-            L = loss_of(batch, idx)
-            if not bool(torch.isfinite(L.detach())):
-                raise FloatingPointError(f"search: loss is {float(L)} at step {t}")
-            (L * scale).backward()
-            grad = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
-            spp_kernels.inclusion_step(
-                arena.m.data, grad, arena.exp_avg, arena.exp_avg_sq, arena.z, arena.gamma, arena.entry,
-                arena.support_count, t, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                weight_decay=cfg.weight_decay, kappa=cfg.kappa, lam=lam, nu=cfg.nu, mode=cfg.mode,
-                optimizer=cfg.optimizer, record=(t % cfg.record_every == 0),
-            )
-            if t == cfg.warmup_steps:  # the masks have separated: start the inclusion path afresh
-                arena.z.zero_(), arena.gamma.zero_(), arena.entry.fill_(-1), arena.support_count.zero_()
-            if t % cfg.record_every == 0 or t == cfg.steps:
-                sup = int((arena.gamma != 0).sum())
-                history["step"].append(t)
-                history["loss"].append(float(L.detach()))
-                history["support"].append(sup)
+        with guard:
+            if state is None:
+                t0 = 0
+                if cfg.loss_scale != "auto":
+                    scale = float(cfg.loss_scale)
+                elif loss == "distill":
+                    scale = _calibrate(handle, batches, cfg, gen, device, teacher, forward)
+                else:
+                    scale = _gradient_scale(handle, batches, cfg, device, loss_of)
+                if checkpoint_dir is not None:
+                    last_ckpt = (save(0), 0)
+            else:
+                t0, scale = state.step, state.loss_scale
+                with torch.no_grad():
+                    for n in _ARENA:
+                        getattr(arena, n).copy_(state.arenas[n].to(device))
+                history = {k: list(state.history[k]) for k in ("step", "loss", "support")}
+                history["skipped"] = list(state.nonfinite["skipped"])
+                consecutive = state.nonfinite["consecutive"]
+                batches.restore(state.data, state.path)
+                ckpt.restore_rng(state.rng, state.path)
+                last_ckpt = (state.path, t0)
+            if guard.received is not None:
+                raise SearchInterrupted(guard.received, t0, cfg.steps, save(t0))
+            bar = _progress(cfg.steps, progress, t0)
+            for t in range(t0 + 1, cfg.steps + 1):
+                idx, batch = batches.next()
+                batch = _to_device(batch, device)
+                arena.m.grad = None
+                L = loss_of(batch, idx)
+                loss_value = float(L.detach())
+                ok = math.isfinite(loss_value)
+                if ok:
+                    (L * scale).backward()
+                    grad = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
+                    ok = bool(torch.isfinite(grad).all())
+                if ok:
+                    before = [getattr(arena, n).detach().clone() for n in _ARENA]
+                    spp_kernels.inclusion_step(
+                        arena.m.data, grad, arena.exp_avg, arena.exp_avg_sq, arena.z, arena.gamma, arena.entry,
+                        arena.support_count, t, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, kappa=cfg.kappa, lam=lam, nu=cfg.nu, mode=cfg.mode,
+                        optimizer=cfg.optimizer, record=(t % cfg.record_every == 0),
+                    )
+                    ok = _state_finite(arena)
+                    if not ok:  # the update overflowed: undo it
+                        with torch.no_grad():
+                            for n, v in zip(_ARENA, before):
+                                getattr(arena, n).copy_(v)
+                arena.m.grad = None
+                if ok:
+                    consecutive = 0
+                else:
+                    consecutive += 1
+                    history["skipped"].append(t)
+                    if consecutive >= cfg.max_nonfinite_steps:
+                        where = (f"; the last good checkpoint ({last_ckpt[0]}, step {last_ckpt[1]}) is intact"
+                                 if last_ckpt else "")
+                        raise NonFiniteError(
+                            f"search stopped at step {t}: the loss, mask gradient or update was NaN/Inf at "
+                            f"{consecutive} consecutive steps ({t - consecutive + 1}..{t}; loss at step {t}: "
+                            f"{loss_value}){where}. Check the data and the loss, or lower lr")
+                if t == cfg.warmup_steps:  # the masks have separated: start the inclusion path afresh
+                    arena.z.zero_(), arena.gamma.zero_(), arena.entry.fill_(-1), arena.support_count.zero_()
+                if ok and (t % cfg.record_every == 0 or t == cfg.steps):
+                    sup = int((arena.gamma != 0).sum())
+                    history["step"].append(t)
+                    history["loss"].append(loss_value)
+                    history["support"].append(sup)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_value:.4g}", support=f"{sup}/{arena.numel}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(L.detach()):.4g}", support=f"{sup}/{arena.numel}")
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(t, float(L.detach()), handle)
+                    bar.update(1)
+                if callback is not None:
+                    callback(t, loss_value, handle)
+                if checkpoint_dir is not None and (
+                        t == cfg.steps or (checkpoint_every and t % checkpoint_every == 0 and consecutive == 0)):
+                    last_ckpt = (save(t), t)
+                if guard.received is not None:
+                    path_ = last_ckpt[0] if last_ckpt[1] == t else save(t)
+                    raise SearchInterrupted(guard.received, t, cfg.steps, path_)
+    finally:
         if bar is not None:
             bar.close()
-    finally:
         arena.m.grad = None
         for p, r in req.items():
             p.requires_grad_(r)
         net.train(was_training)
-    settings = {**asdict(cfg), "lam_resolved": lam, "loss_scale_resolved": scale,
-                "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
-                "backend": spp_kernels.dispatch.choose("inclusion_step", device.type)[0]}
-    path = SolutionPath.from_arena(arena, cfg.steps, settings, handle.fingerprint(), history)
+    settings = {**asdict(cfg), "lam_resolved": lam, "loss_scale_resolved": scale, "loss": loss_name,
+                "backend": spp_kernels.dispatch.choose("inclusion_step", device.type)[0],
+                "nonfinite_steps_skipped": len(history["skipped"])}
+    path = SolutionPath.from_arena(arena, cfg.steps, settings, fp, history)
     with torch.no_grad():
         arena.m.fill_(1.0)  # leave the model dense; the search state lives on in the path
     diag = path.diagnostics()
@@ -234,26 +477,64 @@ def search(
     return path
 
 
-def _calibrate(handle, batches, cfg, gen, device, teacher) -> float:
+def _state_finite(arena) -> bool:
+    return bool(torch.isfinite(torch.cat([arena.m.detach(), arena.exp_avg, arena.exp_avg_sq, arena.z,
+                                          arena.gamma])).all())
+
+
+def _check_resumable(state, cfg: SearchConfig, lam: float, loss_name: str, fp: dict) -> None:
+    """ValueError naming the checkpoint file unless it was written by this same search."""
+    where = state.path
+    now = asdict(cfg)
+    for k in sorted(set(now) | set(state.config)):
+        if k in _RUNTIME:
+            continue
+        if k not in state.config or k not in now or state.config[k] != now[k]:
+            raise ValueError(f"{where}: the checkpoint was written by a search with other settings "
+                             f"({k}={state.config.get(k)!r} there, {now.get(k)!r} now); resume with the same "
+                             "settings, or start afresh in another folder")
+    if state.steps != cfg.steps or state.lam != lam:
+        raise ValueError(f"{where}: steps / lambda ({state.steps}, {state.lam}) differ from this search's "
+                         f"({cfg.steps}, {lam})")
+    if state.loss != loss_name:
+        raise ValueError(f"{where}: the checkpoint was written with loss {state.loss!r}, this search uses {loss_name!r}")
+    try:
+        check_fingerprint(state.fingerprint, fp, what="checkpoint")
+    except ValueError as exc:
+        raise ValueError(f"{where}: this checkpoint is from another model: {exc}") from None
+    if int(state.arenas["m"].numel()) != int(_fp_units(fp)):
+        raise ValueError(f"{where}: the checkpoint holds {state.arenas['m'].numel()} units, the model "
+                         f"{_fp_units(fp)}")
+
+
+def _fp_units(fp: dict) -> int:
+    return sum(int(size) for _, size in fp.get("pairs", []))
+
+
+def _calibrate(handle, batches, cfg, gen, device, teacher, forward) -> float:
     """1 / median of the Gauss-Newton diagonal of the distillation loss at m = 1, estimated with
     Gaussian output projections r: E[(∂(r·f)/∂m_i)²] = ‖∂f/∂m_i‖²."""
     net, arena, adapter = handle.model, handle.arena, handle.adapter
     acc = torch.zeros_like(arena.m)
-    n = max(1, cfg.calib_batches)
+    n = cfg.calib_batches
     for _ in range(n):
         idx, batch = batches.next()
         batch = _to_device(batch, device)
         t_out, w = teacher(idx, batch)
         arena.m.grad = None
-        out, _ = adapter.forward(net, batch)
+        out, _ = forward(batch)
         r = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device)
         if w is not None and w.dim() == out.dim() - 1:
             r = r * w.unsqueeze(-1).to(r.dtype)
         (out.float() * r).sum().backward()
         denom = float(t_out.float().pow(2).sum(-1).mul(w.to(torch.float32) if w is not None and w.dim() == out.dim() - 1 else 1).sum())
-        acc += 2.0 * arena.m.grad.pow(2) / max(denom, 1e-12)
+        g = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
+        acc += 2.0 * g.pow(2) / max(denom, 1e-12)
     arena.m.grad = None
     batches.i = -1  # start the search at the first batch again
+    if not bool(torch.isfinite(acc).all()):
+        raise ValueError(f"data: the calibration on the first {n} batches gave NaN/Inf mask gradients; "
+                         "check the data for NaN/Inf values")
     med = float((acc / n).median())
     if not (med > 0 and math.isfinite(med)):
         raise ValueError("search: the loss does not depend on the masks (zero curvature); check the data")
@@ -261,24 +542,35 @@ def _calibrate(handle, batches, cfg, gen, device, teacher) -> float:
 
 
 def _gradient_scale(handle, batches, cfg, device, loss_of) -> float:
-    """For a user loss: 1 / median |∂L/∂m| at m = 1 over the calibration batches."""
+    """For a user loss: 1 / median |∂L/∂m| at m = 1 over the calibration batches (batches with a
+    NaN/Inf loss or gradient are left out)."""
     arena = handle.arena
     acc = torch.zeros_like(arena.m)
-    n = max(1, cfg.calib_batches)
-    for _ in range(n):
+    n = used = 0
+    for _ in range(cfg.calib_batches):
         idx, batch = batches.next()
         arena.m.grad = None
-        loss_of(_to_device(batch, device), idx).backward()
-        acc += arena.m.grad.abs()
+        L = loss_of(_to_device(batch, device), idx)
+        n += 1
+        if not bool(torch.isfinite(L.detach())):
+            continue
+        L.backward()
+        g = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
+        if bool(torch.isfinite(g).all()):
+            acc += g.abs()
+            used += 1
     arena.m.grad = None
     batches.i = -1
-    med = float((acc / n).median())
+    if used == 0:
+        raise ValueError(f"data: the loss or its mask gradient was NaN/Inf on all {n} calibration batches; "
+                         "check the data and the loss")
+    med = float((acc / used).median())
     return 1.0 / med if med > 0 and math.isfinite(med) else 1.0
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="spp search", leave=False)
+    return tqdm(total=total, initial=initial, desc="spp search", leave=False)

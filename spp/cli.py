@@ -50,15 +50,19 @@ def cmd_demo(a) -> int:
 def cmd_search(a) -> int:
     from . import embedded
     from .handle import attach
+    from .io import prepare_output_dir
     from .search import search
 
+    prepare_output_dir(a.out, "--out")  # fail before the model is loaded, not after the search
+    ckpt_dir = prepare_output_dir(a.checkpoint_dir or os.path.join(a.out, "checkpoint"), "--checkpoint-dir")
     model, tok = _load_text_model(a.model)
     sents = _sentences(a.text)[: a.sentences]
     data = embedded.batches(tok, sents, a.batch_size, a.max_length)
     if not data:
         raise ValueError(f"--batch-size {a.batch_size} exceeds the {len(sents)} sentences available")
     handle = attach(model)
-    path = search(handle, data, steps=a.steps, progress=not a.no_progress, seed=a.seed)
+    path = search(handle, data, steps=a.steps, progress=not a.no_progress, seed=a.seed, checkpoint_dir=ckpt_dir,
+                  checkpoint_every=a.checkpoint_every, resume=a.resume, max_nonfinite_steps=a.max_nonfinite_steps)
     path.save(a.out)
     d = path.diagnostics()
     print(f"path written to {a.out}: {d['fraction_entered'] * 100:.1f} % of {d['units']} units entered at "
@@ -267,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=_positive, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--checkpoint-every", type=_nonnegative, default=50,
+                   help="write a checkpoint every N steps (also after the calibration, at the end and on "
+                        "SIGINT/SIGTERM; 0: only then)")
+    s.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT/checkpoint)")
+    s.add_argument("--resume", action="store_true", help="continue the search from the checkpoint folder")
+    s.add_argument("--max-nonfinite-steps", type=_positive, default=10,
+                   help="stop after this many consecutive steps with a NaN/Inf loss or mask gradient")
     s.set_defaults(fn=cmd_search)
 
     r = sub.add_parser("prune", help="prune a model at one ratio read off a saved path")
@@ -313,12 +324,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _nonnegative(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from .search import SearchInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
-        print(f"spp {args.cmd}: error: {exc}", file=sys.stderr)
+    except SearchInterrupted as exc:  # a checkpoint was written: say how to continue
+        print(f"spp {args.cmd}: {_one_line(exc).replace('resume=True (CLI: --resume)', '--resume')}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print(f"spp {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, FloatingPointError) as exc:  # OSError: missing, unwritable, full
+        print(f"spp {args.cmd}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

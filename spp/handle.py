@@ -77,6 +77,12 @@ def attach(model: nn.Module, seq_len: Optional[int] = None) -> SppHandle:
     if isinstance(model, SppHandle):
         raise ValueError("model is already an SppHandle; pass handle.model to attach a model")
     adapter = find_adapter(model)
+    from spp_kernels.reference import FLOAT_DTYPES
+
+    bad = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in FLOAT_DTYPES})
+    if bad:
+        raise TypeError(f"model: parameters of dtype {', '.join(bad)} are not supported "
+                        "(spp runs float32, float16 and bfloat16 models); convert it with model.float()")
     if get_handle(model) is not None:
         raise ValueError("model is already attached: call spp.detach(model) first")
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):

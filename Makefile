@@ -25,7 +25,8 @@ test: $(STAMP)
 	$(PYTEST) -q -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(PYTEST) -q -m slow tests
+	SPP_HYPOTHESIS_PROFILE=slow $(PYTEST) -q -m slow tests
+	SPP_HYPOTHESIS_PROFILE=slow $(PYTEST) -q tests/test_fuzz.py --hypothesis-show-statistics
 
 info: $(STAMP)
 	$(PY) -m spp_kernels.info

@@ -99,7 +99,9 @@ def atomic_paths(paths: Sequence[str]):
             tmps.append(tmp)
         try:
             yield list(tmps)
+            mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs get the usual permissions
             for tmp in tmps:
+                os.chmod(tmp, mode)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
             for tmp, path in zip(tmps, paths):
@@ -113,6 +115,12 @@ def atomic_paths(paths: Sequence[str]):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _names(paths: Sequence[str]) -> str:

@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer settings and sentences (smoke run)")
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--only", help="comma-separated baseline names (e.g. tp-magnitude,tp-taylor): run just "
+                                   "those, no search, and merge their rows into the existing CSV")
     a = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -71,6 +73,9 @@ def main() -> None:
     dense = embedded.embed(model, tok, held)
     h = spp.attach(model)
     settings = dict(list(SPP_SETTINGS.items())[:2]) if a.quick else SPP_SETTINGS
+    only = set(a.only.split(",")) if a.only else None
+    if only:
+        settings = {}
 
     paths, info = {}, {}
     for name, kw in settings.items():
@@ -84,16 +89,19 @@ def main() -> None:
                       "degenerate": d["degenerate"]}
         print(name, info[name], flush=True)
     rank_data = data[:16]
-    paths["magnitude"] = magnitude_path(h)
-    paths["activation"] = activation_path(h, rank_data)
-    paths["taylor"] = taylor_path(h, rank_data)
-    try:
-        for imp in ("magnitude", "taylor"):
-            paths[f"tp-{imp}"] = torch_pruning_path(h, rank_data[:8], imp)
-    except ImportError as exc:
-        print(f"Torch-Pruning baselines skipped: {exc}", flush=True)
+    baselines = {"magnitude": lambda: magnitude_path(h), "activation": lambda: activation_path(h, rank_data),
+                 "taylor": lambda: taylor_path(h, rank_data),
+                 "tp-magnitude": lambda: torch_pruning_path(h, rank_data[:8], "magnitude"),
+                 "tp-taylor": lambda: torch_pruning_path(h, rank_data[:8], "taylor")}
     for s in range(1 if a.quick else 5):
-        paths[f"random_{s}"] = random_path(h, seed=s)
+        baselines[f"random_{s}"] = (lambda s=s: random_path(h, seed=s))
+    for name, make in baselines.items():
+        if only and name not in only:
+            continue
+        try:
+            paths[name] = make()
+        except ImportError as exc:
+            print(f"{name} skipped: {exc}", flush=True)
 
     def score(ms):
         h.set_masks(ms)
@@ -131,6 +139,15 @@ def main() -> None:
         print(name, "finetuned", q, flush=True)
     os.makedirs(a.out, exist_ok=True)
     tag = "quality_sweep_quick" if a.quick else "quality_sweep"
+    if only:  # merge: keep the other methods' rows from the last full run
+        import csv
+
+        with open(os.path.join(a.out, f"{tag}.csv")) as f:
+            old = [r for r in csv.DictReader(f) if r["draw"] not in only]
+        for r in old:
+            for k in ("target_params", "pair_params_kept", "cosine", "top1_agreement", "recall_at_10"):
+                r[k] = float(r[k])
+        rows = old + rows
     write_rows(rows, a.out, tag)
     plot(rows, os.path.join(a.out, f"{tag}.png"))
     print(table(rows))

@@ -121,13 +121,14 @@ def main() -> None:
                              "pair_params_kept": ms.params_kept / ms.params_total, **score(ms),
                              **info.get(name, {}), "device": device})
         print(name, "done", flush=True)
-    # the same short fine-tune for every method at 0.5 (SPP: its default global allocation;
-    # baselines: per-layer uniform, their best allocation in this sweep)
+    # the same short fine-tune for every method at 0.5: SPP under its default (global)
+    # allocation, each baseline under the allocation that scored best for it at 0.5 above
     h_model = model
     for name, path in paths.items():
         if name.startswith("random_") and name != "random_0":
             continue
-        alloc = "global" if name.startswith("spp") else "uniform"
+        mine = [r for r in rows if r["draw"] == name and r["target_params"] == 0.5 and r["stage"] == "pruned"]
+        alloc = "global" if name.startswith("spp") else max(mine, key=lambda r: r["cosine"])["allocation"]
         ms = masks_for(path, 0.5, alloc, name.startswith("spp"))
         small = spp.prune(h_model, ms)
         finetune(small, ft_data, teacher, steps=a.finetune_steps, lr=6e-4, progress=False)

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import spp_kernels
 from spp import PairSpec, SolutionPath
 from spp_kernels import reference as R
+from oracles import oracle_masked_linear, oracle_pair
 from tolerances import DTYPES, assert_close
 
 ACTS = ("none", "gelu", "gelu_tanh", "relu", "silu")
@@ -44,35 +45,6 @@ def _one_thread():
 
 
 # --- float64 oracles, from the formulas --------------------------------------------------------
-def oracle_act(name, h):
-    if name == "none":
-        return h
-    if name == "gelu":
-        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    if name == "gelu_tanh":
-        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
-    if name == "relu":
-        return torch.where(h > 0, h, torch.zeros_like(h))
-    return h / (1.0 + torch.exp(-h))
-
-
-def oracle_masked_linear(x, W, b, m, col2unit, act):
-    h = x.double() @ W.double().T + (0.0 if b is None else b.double())
-    mv = m.double() if col2unit is None else m.double()[col2unit.long()]
-    return oracle_act(act, h) * mv
-
-
-def oracle_pair(x, W1, b1, m, W2, b2, act, active=None):
-    m = m.double()
-    if active is not None:
-        keep = torch.zeros(m.numel(), dtype=torch.bool)
-        keep[active.long()] = True
-        m = torch.where(keep, m, torch.zeros((), dtype=m.dtype))
-    h = oracle_act(act, x.double() @ W1.double().T + (0.0 if b1 is None else b1.double())) * m
-    out = h @ W2.double().T
-    return out if b2 is None else out + b2.double()
-
-
 # --- strategies ---------------------------------------------------------------------------------
 def layout(draw, shape, dtype, gen, name):
     """A tensor of ``shape`` as a contiguous, transposed, strided-slice or broadcast view."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spp_kernels import reference as R
+from oracles import oracle_act, oracle_masked_linear, oracle_pair
 from tolerances import DTYPE_IDS, DTYPES, assert_close, gemm_tol
 
 ACTS = ("none", "gelu", "gelu_tanh", "relu", "silu")
@@ -408,35 +409,6 @@ def test_inclusion_rejects_bad_hyper(hyper, name):
 
 
 # ========================================================== masked_linear / pair_matmul
-def oracle_act(name, h):
-    """The activations from their definitions, in float64."""
-    if name in (None, "none"):
-        return h
-    if name == "gelu":
-        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    if name == "gelu_tanh":
-        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
-    if name == "relu":
-        return torch.where(h > 0, h, torch.zeros_like(h))
-    if name == "silu":
-        return h / (1.0 + torch.exp(-h))
-    raise AssertionError(name)
-
-
-def oracle_masked_linear(x, W, b, m, col2unit, act):
-    h = x.double() @ W.double().T
-    if b is not None:
-        h = h + b.double()
-    mv = m.double() if col2unit is None else m.double()[col2unit]
-    return oracle_act(act, h) * mv
-
-
-def oracle_pair(x, W1, b1, m, W2, b2, act):
-    h = oracle_act(act, x.double() @ W1.double().T + (0.0 if b1 is None else b1.double())) * m.double()
-    out = h @ W2.double().T
-    return out if b2 is None else out + b2.double()
-
-
 def seed_of(*parts) -> int:
     """A seed per test case that does not depend on PYTHONHASHSEED."""
     return zlib.crc32(repr(parts).encode())

@@ -1,0 +1,39 @@
+"""float64 oracles of the GEMM ops, written from their formulas (shared by the reference and fuzz tests)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def oracle_act(name, h):
+    """The activations from their definitions, in float64."""
+    if name in (None, "none"):
+        return h
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    if name == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    if name == "silu":
+        return h / (1.0 + torch.exp(-h))
+    raise AssertionError(name)
+
+
+def oracle_masked_linear(x, W, b, m, col2unit, act):
+    h = x.double() @ W.double().T + (0.0 if b is None else b.double())
+    mv = m.double() if col2unit is None else m.double()[col2unit.long()]
+    return oracle_act(act, h) * mv
+
+
+def oracle_pair(x, W1, b1, m, W2, b2, act, active=None):
+    """Units outside ``active`` contribute nothing, as if their mask were 0."""
+    m = m.double()
+    if active is not None:
+        keep = torch.zeros(m.numel(), dtype=torch.bool)
+        keep[active.long()] = True
+        m = torch.where(keep, m, torch.zeros((), dtype=m.dtype))
+    h = oracle_act(act, x.double() @ W1.double().T + (0.0 if b1 is None else b1.double())) * m
+    out = h @ W2.double().T
+    return out if b2 is None else out + b2.double()

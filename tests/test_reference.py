@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spp_kernels import reference as R
-from oracles import oracle_act, oracle_masked_linear, oracle_pair
+from oracles import oracle_masked_linear, oracle_pair
 from tolerances import DTYPE_IDS, DTYPES, assert_close, gemm_tol
 
 ACTS = ("none", "gelu", "gelu_tanh", "relu", "silu")

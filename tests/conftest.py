@@ -54,3 +54,14 @@ def bert_dir(tmp_path_factory):
     (d / "corrupt").mkdir()
     (d / "corrupt" / "path.json").write_bytes(b"{\"format\": \"spp-path\", \"vers")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny GEMMs on a shared 2-core box: waking a second thread costs more than the work."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

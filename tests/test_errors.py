@@ -123,27 +123,18 @@ def test_unsupported_bert_variant():
 # --- masks applied to the wrong model ----------------------------------------------------
 
 
-def test_masks_for_other_layer_count(bert):
+@pytest.mark.parametrize("other_kw, needle", [
+    (dict(seed=0, layers=3), "layer count"),
+    (dict(seed=123, layers=2), "other weights"),  # same shapes, other weights
+])
+def test_masks_for_another_model(bert, other_kw, needle):
     masks = bert[3].masks(keep=0.5)
-    other = tiny_bert(0, layers=3)
-    with pytest.raises(ValueError, match="layer count"):
+    other = tiny_bert(**other_kw)
+    with pytest.raises(ValueError, match=needle):
         spp.prune(other, masks)
     h = spp.attach(other)
     try:
-        with pytest.raises(ValueError, match="layer count"):
-            h.set_masks(masks)
-    finally:
-        spp.detach(other)
-
-
-def test_masks_for_other_weights(bert):
-    masks = bert[3].masks(keep=0.5)
-    other = tiny_bert(seed=123, layers=2)  # same shapes, other weights
-    with pytest.raises(ValueError, match="other weights"):
-        spp.prune(other, masks)
-    h = spp.attach(other)
-    try:
-        with pytest.raises(ValueError, match="other weights"):
+        with pytest.raises(ValueError, match=needle):
             h.set_masks(masks)
     finally:
         spp.detach(other)

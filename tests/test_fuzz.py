@@ -36,12 +36,7 @@ LEADING = st.lists(st.integers(1, 3), min_size=0, max_size=2)
 INNER = st.one_of(WIDTHS, st.just(0))  # 0: a pair pruned away whole
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- float64 oracles, from the formulas --------------------------------------------------------

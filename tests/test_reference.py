@@ -18,13 +18,7 @@ ACTS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 ARENA_NAMES = ("m", "grad", "exp_avg", "exp_avg_sq", "z", "gamma", "entry", "support_count")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny GEMMs on a shared 2-core box: waking a second thread costs more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dtype_id(dtype):

@@ -65,20 +65,9 @@ def _scale_by_mask(h: torch.Tensor, mvec: torch.Tensor) -> torch.Tensor:
     return (h.float() * mvec).to(h.dtype)
 
 
-def masked_linear(
-    x: torch.Tensor,
-    W: torch.Tensor,
-    b: Optional[torch.Tensor],
-    m: torch.Tensor,
-    col2unit: Optional[torch.Tensor] = None,
-    act: Optional[str] = None,
-) -> torch.Tensor:
-    """``act(x Wᵀ + b) ⊙ m[col2unit]``.
-
-    x: (..., K) float; W: (N, K) same dtype; b: (N,) or None; m: (U,) fp32;
-    col2unit: (N,) int64 mapping each output column to its mask unit, or None when U == N.
-    Returns (..., N) in x's dtype. Gradients flow to x, m (fp32) and to W/b only if they require it.
-    """
+def check_masked_linear(x, W, b, m, col2unit) -> torch.Tensor:
+    """Validate the arguments of :func:`masked_linear` (shared by every backend); return the
+    per-column mask ``m[col2unit]`` (``m`` itself when col2unit is None)."""
     _check_float("x", x)
     _check_float("W", W)
     _check_mask(m)
@@ -99,26 +88,30 @@ def masked_linear(
         if col2unit.numel() and (int(col2unit.min()) < 0 or int(col2unit.max()) >= m.numel()):
             raise ValueError(f"col2unit holds unit indices outside [0, {m.numel()})")
         mvec = m[col2unit]
+    return mvec
+
+
+def masked_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: Optional[torch.Tensor],
+    m: torch.Tensor,
+    col2unit: Optional[torch.Tensor] = None,
+    act: Optional[str] = None,
+) -> torch.Tensor:
+    """``act(x Wᵀ + b) ⊙ m[col2unit]``.
+
+    x: (..., K) float; W: (N, K) same dtype; b: (N,) or None; m: (U,) fp32;
+    col2unit: (N,) int64 mapping each output column to its mask unit, or None when U == N.
+    Returns (..., N) in x's dtype. Gradients flow to x, m (fp32) and to W/b only if they require it.
+    """
+    mvec = check_masked_linear(x, W, b, m, col2unit)
     h = activation(act)(F.linear(x, W, b))
     return _scale_by_mask(h, mvec)
 
 
-def pair_matmul(
-    x: torch.Tensor,
-    W1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    m: torch.Tensor,
-    W2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-    act: Optional[str] = None,
-    active: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The masked low-rank pair ``(act(x W1ᵀ + b1) ⊙ m) W2ᵀ + b2``.
-
-    x: (..., K); W1: (U, K); b1: (U,) or None; m: (U,) fp32; W2: (N, U); b2: (N,) or None.
-    active: int64 indices of the units to compute (kept units); None means all. Units outside
-    ``active`` contribute nothing, exactly as if their mask were 0. Returns (..., N).
-    """
+def check_pair_matmul(x, W1, b1, m, W2, b2, active) -> None:
+    """Validate the arguments of :func:`pair_matmul` (shared by every backend)."""
     _check_float("x", x)
     _check_float("W1", W1)
     _check_float("W2", W2)
@@ -142,6 +135,26 @@ def pair_matmul(
             raise ValueError(f"active holds indices outside [0, {m.numel()})")
         if torch.unique(active).numel() != active.numel():
             raise ValueError("active holds duplicate unit indices")
+
+
+def pair_matmul(
+    x: torch.Tensor,
+    W1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    m: torch.Tensor,
+    W2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    act: Optional[str] = None,
+    active: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The masked low-rank pair ``(act(x W1ᵀ + b1) ⊙ m) W2ᵀ + b2``.
+
+    x: (..., K); W1: (U, K); b1: (U,) or None; m: (U,) fp32; W2: (N, U); b2: (N,) or None.
+    active: int64 indices of the units to compute (kept units); None means all. Units outside
+    ``active`` contribute nothing, exactly as if their mask were 0. Returns (..., N).
+    """
+    check_pair_matmul(x, W1, b1, m, W2, b2, active)
+    if active is not None:
         W1 = W1.index_select(0, active)
         b1 = None if b1 is None else b1.index_select(0, active)
         m = m.index_select(0, active)
@@ -159,7 +172,8 @@ def inclusion_scalars(step: int, lr: float, beta1: float, beta2: float, kappa: f
     return {"step_size": lr, "inv_sqrt_bc2": 1.0, "rho": kappa * lr}
 
 
-def _check_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count) -> None:
+def check_inclusion_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count) -> None:
+    """Validate the state arenas of :func:`inclusion_step` (shared by every backend)."""
     n = m.numel()
     for name, t in (("m", m), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("z", z), ("gamma", gamma)):
         if not isinstance(t, torch.Tensor):
@@ -235,7 +249,7 @@ def inclusion_step(
     All float arenas are 1-D fp32 of equal length; ``entry`` and ``support_count`` are int32.
     ``step`` is the 1-based step count t; ``record`` adds the support to ``support_count``.
     """
-    _check_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count)
+    check_inclusion_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count)
     check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer)
     if check_finite:
         for name, t in (("grad", grad), ("m", m), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("z", z), ("gamma", gamma)):

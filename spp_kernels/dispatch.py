@@ -24,6 +24,7 @@ PREFERENCE = ("triton", "ext", "torch")
 class Impl:
     fn: Callable
     devices: tuple  # device types served, e.g. ("cuda",) or ("cpu", "cuda")
+    forced_devices: tuple = ()  # also served there, but only when SPP_BACKEND names this backend
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {op: {} for op in OPS}
@@ -31,12 +32,15 @@ _UNAVAILABLE: dict[str, str] = {}  # backend -> why it is not there
 _warned: set = set()
 
 
-def register(op: str, backend: str, fn: Callable, devices: tuple = ("cpu", "cuda")) -> None:
+def register(op: str, backend: str, fn: Callable, devices: tuple = ("cpu", "cuda"),
+             forced_devices: tuple = ()) -> None:
+    """Register ``fn`` as ``backend``'s ``op`` for tensors on ``devices``; ``forced_devices`` are
+    served only on request (e.g. Triton's CPU interpreter: correct, far too slow to pick itself)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _REGISTRY[op][backend] = Impl(fn, tuple(devices))
+    _REGISTRY[op][backend] = Impl(fn, tuple(devices), tuple(forced_devices))
 
 
 def mark_unavailable(backend: str, why: str) -> None:
@@ -52,11 +56,15 @@ def requested_backend() -> Optional[str]:
     return val
 
 
-def _why_not(op: str, backend: str, device_type: str) -> Optional[str]:
+def _why_not(op: str, backend: str, device_type: str, forced: bool = False) -> Optional[str]:
     impl = _REGISTRY[op].get(backend)
     if impl is None:
         return _UNAVAILABLE.get(backend, f"no {backend} implementation of {op} yet")
+    if forced and device_type in impl.forced_devices:
+        return None
     if device_type not in impl.devices:
+        if device_type in impl.forced_devices:
+            return f"{backend} {op} serves {device_type} tensors only when SPP_BACKEND={backend}"
         return f"{backend} {op} serves {', '.join(impl.devices)} tensors, not {device_type}"
     return None
 
@@ -65,7 +73,7 @@ def choose(op: str, device_type: str) -> tuple[str, str]:
     """(backend, reason) that serves ``op`` for tensors on ``device_type``."""
     forced = requested_backend()
     if forced is not None:
-        why = _why_not(op, forced, device_type)
+        why = _why_not(op, forced, device_type, forced=True)
         if why is None:
             return forced, "forced by SPP_BACKEND"
         return "torch", f"SPP_BACKEND={forced} unavailable: {why}"

@@ -202,3 +202,23 @@ def test_info_reports_the_forced_fallback():
     for op, line in zip(dispatch.OPS, cpu):
         assert line.split()[:4] == ["cpu", op, "->", "torch"], line
         assert "SPP_BACKEND=ext unavailable" in line and "not built" in line, line
+
+
+def test_forced_only_device_is_served_on_request_only(scratch_registry):
+    """A backend registered for CPU tensors as forced-only (Triton's interpreter) never wins the
+    automatic choice there, but serves when SPP_BACKEND names it."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        return reference.pair_matmul(*args, **kwargs)
+
+    dispatch.register("pair_matmul", "triton", fake, devices=("cuda",), forced_devices=("cpu",))
+    backend, reason = dispatch.choose("pair_matmul", "cpu")
+    assert backend != "triton" and "only when SPP_BACKEND=triton" in reason, reason
+    assert dispatch.choose("pair_matmul", "cuda")[0] == "triton"
+    scratch_registry.setenv("SPP_BACKEND", "triton")
+    assert dispatch.choose("pair_matmul", "cpu") == ("triton", "forced by SPP_BACKEND")
+    x, W1, b1, m, W2, b2 = small_inputs()
+    spp_kernels.pair_matmul(x, W1, b1, m, W2, b2, "gelu")
+    assert calls == [1]

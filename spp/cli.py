@@ -48,13 +48,17 @@ def cmd_demo(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from . import embedded
+    from . import distributed, embedded
     from .handle import attach
     from .io import prepare_output_dir
     from .search import search
 
-    prepare_output_dir(a.out, "--out")  # fail before the model is loaded, not after the search
-    ckpt_dir = prepare_output_dir(a.checkpoint_dir or os.path.join(a.out, "checkpoint"), "--checkpoint-dir")
+    group = distributed.init_from_env()  # under torchrun: one rank per process, the same batches on each
+    ckpt_dir = a.checkpoint_dir or os.path.join(a.out, "checkpoint")
+    if group.is_main:  # fail before the model is loaded, not after the search
+        prepare_output_dir(a.out, "--out")
+        ckpt_dir = prepare_output_dir(ckpt_dir, "--checkpoint-dir")
+    group.barrier()
     model, tok = _load_text_model(a.model)
     sents = _sentences(a.text)[: a.sentences]
     data = embedded.batches(tok, sents, a.batch_size, a.max_length)
@@ -63,6 +67,8 @@ def cmd_search(a) -> int:
     handle = attach(model)
     path = search(handle, data, steps=a.steps, progress=not a.no_progress, seed=a.seed, checkpoint_dir=ckpt_dir,
                   checkpoint_every=a.checkpoint_every, resume=a.resume, max_nonfinite_steps=a.max_nonfinite_steps)
+    if not group.is_main:
+        return 0
     path.save(a.out)
     d = path.diagnostics()
     print(f"path written to {a.out}: {d['fraction_entered'] * 100:.1f} % of {d['units']} units entered at "

@@ -27,6 +27,7 @@ import torch.nn as nn
 import spp_kernels
 
 from . import checkpoint as ckpt
+from . import distributed as dist_
 from .handle import SppHandle, resolve
 from .io import prepare_output_dir
 from .path import SolutionPath, check_fingerprint
@@ -114,14 +115,20 @@ def _check_config(cfg: SearchConfig) -> None:
         raise ValueError(f"lam resolves to {lam!r}; check lr, kappa and entry_frac")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """Relative squared error Σ‖s − t‖² / Σ‖t‖² over the tokens with weight 1 (all if None)."""
+def distill_parts(student: torch.Tensor, teacher: torch.Tensor, weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ‖s − t‖², Σ‖t‖²) over the tokens with weight 1 (all if None): the two sums of :func:`distill_loss`."""
     diff = (student.float() - teacher.float()).pow(2).sum(-1)
     ref = teacher.float().pow(2).sum(-1)
     if weights is not None and diff.dim() == weights.dim():
         w = weights.to(diff.dtype)
-        return (diff * w).sum() / (ref * w).sum().clamp_min(1e-12)
-    return diff.sum() / ref.sum().clamp_min(1e-12)
+        return (diff * w).sum(), (ref * w).sum()
+    return diff.sum(), ref.sum()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Relative squared error Σ‖s − t‖² / Σ‖t‖² over the tokens with weight 1 (all if None)."""
+    num, den = distill_parts(student, teacher, weights)
+    return num / den.clamp_min(1e-12)
 
 
 class _Batches:
@@ -258,6 +265,7 @@ def search(
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    distributed: Optional[bool] = None,
     **overrides,
 ) -> SolutionPath:
     """Search the solution path of an attached model (``spp.attach`` first).
@@ -279,6 +287,13 @@ def search(
     counted (``path.history["skipped"]``); after ``max_nonfinite_steps`` consecutive ones the
     search raises :class:`NonFiniteError` naming the step (the last good checkpoint stays).
 
+    Distributed (``torchrun``; see :mod:`spp.distributed`): when the default process group has
+    more than one rank (or ``distributed=True``), every rank passes the same global batches, works
+    on its rows of each batch, and the mask gradient is summed over the ranks; the path equals a
+    single-process search on the same batches up to float summation order. A user ``loss`` must
+    then be a mean over the rows of its batch. Only rank 0 writes checkpoints (``checkpoint_dir``
+    must be on a file system every rank can read for ``resume``); every rank returns the path.
+
     Returns the :class:`SolutionPath`; its ``diagnostics()`` say whether the path is degenerate.
     """
     handle = resolve(model)
@@ -294,6 +309,9 @@ def search(
     if not ((isinstance(loss, str) and loss == "distill") or callable(loss)):
         raise ValueError(f"loss must be 'distill' or a callable(model, batch) -> scalar, got {loss!r}")
     _check_run_args(progress, callback, checkpoint_dir, checkpoint_every, resume)
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
+    group = dist_.current(distributed)
     net, arena, adapter = handle.model, handle.arena, handle.adapter
     device = arena.m.device
     batches = _Batches(data)
@@ -303,24 +321,20 @@ def search(
 
     state = None
     if checkpoint_dir is not None:
-        checkpoint_dir = prepare_output_dir(checkpoint_dir, "checkpoint_dir")
-        if resume and ckpt.exists(checkpoint_dir):
-            state = ckpt.load_checkpoint(checkpoint_dir)
-            _check_resumable(state, cfg, lam, loss_name, fp)
-        elif resume:
-            warnings.warn(f"spp.search: no checkpoint in {checkpoint_dir!r}; starting from step 0", RuntimeWarning,
-                          stacklevel=2)
-        elif ckpt.exists(checkpoint_dir):
-            jpath = os.path.join(checkpoint_dir, ckpt.CKPT_JSON)
+        outcome = None
+        if group.is_main:
             try:
-                old = ckpt.peek(checkpoint_dir)
-            except ValueError as exc:
-                raise ValueError(f"checkpoint_dir holds an unreadable checkpoint ({exc}); remove it or choose "
-                                 "another folder") from None
-            if not old.get("complete", False):
-                raise ValueError(f"checkpoint_dir {checkpoint_dir!r} holds an unfinished search (step "
-                                 f"{old.get('step')} of {old.get('steps')}, {jpath}): pass resume=True (CLI: --resume) "
-                                 "to continue it, or remove it / choose another folder")
+                checkpoint_dir, found = _open_checkpoint_dir(checkpoint_dir, resume, cfg, lam, loss_name, fp)
+                outcome = ("ok", checkpoint_dir, found is not None)
+                state = found
+            except (ValueError, TypeError, OSError) as exc:
+                outcome = ("error", exc, False)
+        outcome = group.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise outcome[1]
+        checkpoint_dir = outcome[1]
+        if outcome[2] and not group.is_main:
+            state = ckpt.load_checkpoint(checkpoint_dir)
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -350,16 +364,35 @@ def search(
             teacher_cache[idx] = out
         return out
 
-    def loss_of(batch, idx):
+    def loss_of(batch, idx, rows: Optional[tuple[int, int]] = None):
+        """(this rank's loss to back-propagate, the loss of the whole batch as a float). ``rows``:
+        (this rank's rows, the batch's rows) in a distributed search."""
         if loss == "distill":
             t_out, w = teacher(idx, batch)
             s_out, _ = forward(batch)
-            return distill_loss(s_out, t_out, w)
+            if not group.active:
+                L = distill_loss(s_out, t_out, w)
+                return L, float(L.detach())
+            num, den = distill_parts(s_out, t_out, w)
+            den = group.all_reduce_(den.detach().clone()).clamp_min(1e-12)
+            return num / den, float(group.all_reduce_(num.detach().clone()) / den)
         L = loss(net, batch)
         if not isinstance(L, torch.Tensor) or L.numel() != 1 or not L.is_floating_point():
             raise TypeError(f"loss must return a scalar float tensor, got {type(L).__name__}"
                             + (f" {L.dtype} of shape {tuple(L.shape)}" if isinstance(L, torch.Tensor) else ""))
-        return L.reshape(())
+        L = L.reshape(())
+        if not group.active:
+            return L, float(L.detach())
+        L = L * (rows[0] / rows[1])  # a mean over this rank's rows -> its share of the batch mean
+        return L, float(group.all_reduce_(L.detach().float().clone()))
+
+    def next_batch():
+        """(index, this rank's part of the next batch on the device, (its rows, the batch's rows))."""
+        idx, batch = batches.next()
+        if not group.active:
+            return idx, _to_device(batch, device), None
+        part = group.shard(batch)
+        return idx, _to_device(part, device), (dist_._rows(part), dist_._rows(batch))
 
     history = {"step": [], "loss": [], "support": [], "skipped": []}
     consecutive = 0
@@ -367,14 +400,24 @@ def search(
     scale = None
 
     def save(t: int) -> str:
+        """Write a checkpoint on rank 0; every rank gets its path."""
+        if not group.is_main:
+            return group.broadcast_object(None)
         st = ckpt.SearchState(
             step=t, steps=cfg.steps, arenas={n: getattr(arena, n).detach() for n in _ARENA}, config=asdict(cfg),
             lam=lam, loss_scale=scale, loss=loss_name, fingerprint=fp, data=batches.position(),
             history={k: list(v) for k, v in history.items() if k != "skipped"},
             nonfinite={"skipped": list(history["skipped"]), "consecutive": consecutive}, rng=ckpt.capture_rng())
-        return ckpt.save_checkpoint(checkpoint_dir, st)
+        return group.broadcast_object(ckpt.save_checkpoint(checkpoint_dir, st))
 
     guard = _SignalGuard(enabled=checkpoint_dir is not None)
+
+    def interrupted() -> bool:  # a collective decision, so that every rank stops at the same step
+        return group.any(guard.received is not None, device)
+
+    def signum() -> int:
+        return guard.received if guard.received is not None else signal.SIGTERM
+
     bar = None
     try:
         with guard:
@@ -383,9 +426,9 @@ def search(
                 if cfg.loss_scale != "auto":
                     scale = float(cfg.loss_scale)
                 elif loss == "distill":
-                    scale = _calibrate(handle, batches, cfg, gen, device, teacher, forward)
+                    scale = _calibrate(handle, batches, cfg, gen, teacher, forward, next_batch, group)
                 else:
-                    scale = _gradient_scale(handle, batches, cfg, device, loss_of)
+                    scale = _gradient_scale(handle, batches, cfg, loss_of, next_batch, group)
                 if checkpoint_dir is not None:
                     last_ckpt = (save(0), 0)
             else:
@@ -399,19 +442,18 @@ def search(
                 batches.restore(state.data, state.path)
                 ckpt.restore_rng(state.rng, state.path)
                 last_ckpt = (state.path, t0)
-            if guard.received is not None:
-                raise SearchInterrupted(guard.received, t0, cfg.steps, save(t0))
-            bar = _progress(cfg.steps, progress, t0)
+            if interrupted():
+                raise SearchInterrupted(signum(), t0, cfg.steps, save(t0))
+            bar = _progress(cfg.steps, progress and group.is_main, t0)
             for t in range(t0 + 1, cfg.steps + 1):
-                idx, batch = batches.next()
-                batch = _to_device(batch, device)
+                idx, batch, rows = next_batch()
                 arena.m.grad = None
-                L = loss_of(batch, idx)
-                loss_value = float(L.detach())
+                L, loss_value = loss_of(batch, idx, rows)
                 ok = math.isfinite(loss_value)
                 if ok:
                     (L * scale).backward()
                     grad = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
+                    group.all_reduce_(grad)
                     ok = bool(torch.isfinite(grad).all())
                 if ok:
                     before = [getattr(arena, n).detach().clone() for n in _ARENA]
@@ -455,9 +497,9 @@ def search(
                 if checkpoint_dir is not None and (
                         t == cfg.steps or (checkpoint_every and t % checkpoint_every == 0 and consecutive == 0)):
                     last_ckpt = (save(t), t)
-                if guard.received is not None:
+                if checkpoint_dir is not None and interrupted():
                     path_ = last_ckpt[0] if last_ckpt[1] == t else save(t)
-                    raise SearchInterrupted(guard.received, t, cfg.steps, path_)
+                    raise SearchInterrupted(signum(), t, cfg.steps, path_)
     finally:
         if bar is not None:
             bar.close()
@@ -467,14 +509,38 @@ def search(
         net.train(was_training)
     settings = {**asdict(cfg), "lam_resolved": lam, "loss_scale_resolved": scale, "loss": loss_name,
                 "backend": spp_kernels.dispatch.choose("inclusion_step", device.type)[0],
-                "nonfinite_steps_skipped": len(history["skipped"])}
+                "nonfinite_steps_skipped": len(history["skipped"]), "world_size": group.world}
     path = SolutionPath.from_arena(arena, cfg.steps, settings, fp, history)
     with torch.no_grad():
         arena.m.fill_(1.0)  # leave the model dense; the search state lives on in the path
     diag = path.diagnostics()
-    if diag["degenerate"]:
+    if diag["degenerate"] and group.is_main:
         warnings.warn(f"spp.search: degenerate solution path: {diag['why']}", RuntimeWarning, stacklevel=2)
     return path
+
+
+def _open_checkpoint_dir(checkpoint_dir, resume: bool, cfg: SearchConfig, lam: float, loss_name: str, fp: dict):
+    """(folder, the checkpoint to resume or None); ValueError when the folder cannot serve this search."""
+    checkpoint_dir = prepare_output_dir(checkpoint_dir, "checkpoint_dir")
+    if resume and ckpt.exists(checkpoint_dir):
+        state = ckpt.load_checkpoint(checkpoint_dir)
+        _check_resumable(state, cfg, lam, loss_name, fp)
+        return checkpoint_dir, state
+    if resume:
+        warnings.warn(f"spp.search: no checkpoint in {checkpoint_dir!r}; starting from step 0", RuntimeWarning,
+                      stacklevel=3)
+    elif ckpt.exists(checkpoint_dir):
+        jpath = os.path.join(checkpoint_dir, ckpt.CKPT_JSON)
+        try:
+            old = ckpt.peek(checkpoint_dir)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint_dir holds an unreadable checkpoint ({exc}); remove it or choose "
+                             "another folder") from None
+        if not old.get("complete", False):
+            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} holds an unfinished search (step "
+                             f"{old.get('step')} of {old.get('steps')}, {jpath}): pass resume=True (CLI: --resume) "
+                             "to continue it, or remove it / choose another folder")
+    return checkpoint_dir, None
 
 
 def _state_finite(arena) -> bool:
@@ -511,24 +577,30 @@ def _fp_units(fp: dict) -> int:
     return sum(int(size) for _, size in fp.get("pairs", []))
 
 
-def _calibrate(handle, batches, cfg, gen, device, teacher, forward) -> float:
+def _calibrate(handle, batches, cfg, gen, teacher, forward, next_batch, group) -> float:
     """1 / median of the Gauss-Newton diagonal of the distillation loss at m = 1, estimated with
     Gaussian output projections r: E[(∂(r·f)/∂m_i)²] = ‖∂f/∂m_i‖²."""
     net, arena, adapter = handle.model, handle.arena, handle.adapter
     acc = torch.zeros_like(arena.m)
     n = cfg.calib_batches
     for _ in range(n):
-        idx, batch = batches.next()
-        batch = _to_device(batch, device)
+        idx, batch, rows = next_batch()
         t_out, w = teacher(idx, batch)
         arena.m.grad = None
         out, _ = forward(batch)
-        r = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device)
+        if rows is None:
+            r = torch.randn(out.shape, generator=gen, dtype=torch.float32)
+        else:  # the projections a single process would draw for the whole batch; this rank's rows
+            r = torch.randn((rows[1], *out.shape[1:]), generator=gen, dtype=torch.float32)
+            r = torch.tensor_split(r, group.world, dim=0)[group.rank]
+        r = r.to(out.device)
         if w is not None and w.dim() == out.dim() - 1:
             r = r * w.unsqueeze(-1).to(r.dtype)
         (out.float() * r).sum().backward()
-        denom = float(t_out.float().pow(2).sum(-1).mul(w.to(torch.float32) if w is not None and w.dim() == out.dim() - 1 else 1).sum())
+        tok = w.to(torch.float32) if w is not None and w.dim() == out.dim() - 1 else 1
+        denom = float(group.all_reduce_(t_out.float().pow(2).sum(-1).mul(tok).sum().reshape(1)))
         g = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
+        group.all_reduce_(g)
         acc += 2.0 * g.pow(2) / max(denom, 1e-12)
     arena.m.grad = None
     batches.i = -1  # start the search at the first batch again
@@ -541,21 +613,22 @@ def _calibrate(handle, batches, cfg, gen, device, teacher, forward) -> float:
     return 1.0 / med
 
 
-def _gradient_scale(handle, batches, cfg, device, loss_of) -> float:
+def _gradient_scale(handle, batches, cfg, loss_of, next_batch, group) -> float:
     """For a user loss: 1 / median |∂L/∂m| at m = 1 over the calibration batches (batches with a
     NaN/Inf loss or gradient are left out)."""
     arena = handle.arena
     acc = torch.zeros_like(arena.m)
     n = used = 0
     for _ in range(cfg.calib_batches):
-        idx, batch = batches.next()
+        idx, batch, rows = next_batch()
         arena.m.grad = None
-        L = loss_of(_to_device(batch, device), idx)
+        L, value = loss_of(batch, idx, rows)
         n += 1
-        if not bool(torch.isfinite(L.detach())):
+        if not math.isfinite(value):
             continue
         L.backward()
         g = arena.m.grad if arena.m.grad is not None else torch.zeros_like(arena.m)
+        group.all_reduce_(g)
         if bool(torch.isfinite(g).all()):
             acc += g.abs()
             used += 1

@@ -1,0 +1,64 @@
+"""Worker of tests/test_distributed.py, launched by ``torchrun --nproc_per_node=2`` (not collected).
+
+    torchrun --nproc_per_node=2 tests/dist_worker.py OUT_DIR STEPS
+
+Every rank passes the same global batches (5 rows: split 3 + 2, so the shares are uneven) and runs
+a distillation search with checkpoints, then a search with a user loss; rank 0 writes both paths
+and each rank writes what it saw, so the test can check the ranks stayed identical.
+"""
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import spp  # noqa: E402
+from spp import distributed  # noqa: E402
+from helpers import bert_batch, tiny_bert  # noqa: E402
+
+BATCH = 5
+
+
+def data():
+    return [bert_batch(s, batch=BATCH) for s in range(4)]
+
+
+_PROBE = torch.randn(48, generator=torch.Generator().manual_seed(7))
+
+
+def user_loss(model, batch):
+    """A mean over the rows of the batch (what a distributed user loss must be): the CLS output
+    along a fixed direction, away from a target (LayerNorm makes ‖h‖ constant, so not ‖h‖²)."""
+    return (model(**batch).last_hidden_state[:, 0] @ _PROBE - 1.0).pow(2).mean()
+
+
+def run(kind, steps, **kw):
+    model = tiny_bert(0, layers=2)
+    loss = "distill" if kind == "distill" else user_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return spp.search(spp.attach(model), data(), steps=steps, loss=loss, progress=False, **kw)
+
+
+def main():
+    out, steps = sys.argv[1], int(sys.argv[2])
+    group = distributed.init_from_env()
+    assert group.world == 2, group.world
+    seen = {}
+    for kind in ("distill", "user"):
+        kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "checkpoint_every": 7} if kind == "distill" else {}
+        path = run(kind, steps, **kw)
+        seen[kind] = {"entry": path.entry.tolist(), "m_sum": float(path.m.sum()),
+                      "world_size": path.settings["world_size"]}
+        if group.is_main:
+            path.save(os.path.join(out, kind))
+    with open(os.path.join(out, f"rank{group.rank}.json"), "w") as f:
+        json.dump(seen, f)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -135,3 +135,24 @@ def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def shard_weights(handle, group: Optional[Group] = None):
+    """Shard the frozen weights of an attached model over the ranks with FSDP (``fully_shard`` on
+    every transformer block, then on the root), for models that do not fit one device; returns the
+    handle. Each block's weights are gathered for its forward and backward and freed after, while
+    the masks and the inclusion state stay whole on every rank (they are small: one fp32 value and
+    six state values per unit). Call it after ``spp.attach`` and before ``spp.search``; prune a
+    fresh, unsharded copy of the model with the path afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    group = group or current()
+    if not group.active:
+        raise ValueError("shard_weights needs a distributed run with more than one rank (torchrun)")
+    model, adapter = handle.model, handle.adapter
+    mesh = init_device_mesh(handle.arena.m.device.type, (group.world,))
+    for block in adapter.blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return handle

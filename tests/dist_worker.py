@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/dist_worker.py OUT_DIR STEPS
 
 Every rank passes the same global batches (5 rows: split 3 + 2, so the shares are uneven) and runs
-a distillation search with checkpoints, then a search with a user loss; rank 0 writes both paths
+a distillation search with checkpoints, a search with a user loss, and a distillation search
+with the weights sharded by FSDP; rank 0 writes both paths
 and each rank writes what it saw, so the test can check the ranks stayed identical.
 """
 import json
@@ -37,10 +38,13 @@ def user_loss(model, batch):
 
 def run(kind, steps, **kw):
     model = tiny_bert(0, layers=2)
-    loss = "distill" if kind == "distill" else user_loss
+    handle = spp.attach(model)
+    if kind == "fsdp":  # frozen weights sharded over the ranks
+        distributed.shard_weights(handle)
+    loss = user_loss if kind == "user" else "distill"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return spp.search(spp.attach(model), data(), steps=steps, loss=loss, progress=False, **kw)
+        return spp.search(handle, data(), steps=steps, loss=loss, progress=False, **kw)
 
 
 def main():
@@ -48,7 +52,7 @@ def main():
     group = distributed.init_from_env()
     assert group.world == 2, group.world
     seen = {}
-    for kind in ("distill", "user"):
+    for kind in ("distill", "user", "fsdp"):
         kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "checkpoint_every": 7} if kind == "distill" else {}
         path = run(kind, steps, **kw)
         seen[kind] = {"entry": path.entry.tolist(), "m_sum": float(path.m.sum()),

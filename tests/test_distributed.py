@@ -31,12 +31,12 @@ def torchrun_out(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["distill", "user"])
+@pytest.mark.parametrize("kind", ["distill", "user", "fsdp"])
 def test_two_ranks_give_the_single_process_path(torchrun_out, kind):
     sys.path.insert(0, str(HERE))
     import dist_worker
 
-    single = dist_worker.run(kind, STEPS)
+    single = dist_worker.run("distill" if kind == "fsdp" else kind, STEPS)
     two = spp.SolutionPath.load(torchrun_out / kind)
     assert two.settings["world_size"] == 2 and single.settings["world_size"] == 1
     d = single.diagnostics()
@@ -45,6 +45,9 @@ def test_two_ranks_give_the_single_process_path(torchrun_out, kind):
     np.testing.assert_allclose(two.m, single.m, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(two.z, single.z, rtol=1e-4, atol=1e-5)
     assert two.settings["loss_scale_resolved"] == pytest.approx(single.settings["loss_scale_resolved"], rel=1e-5)
+    # the same model: a path searched on sharded weights applies to the unsharded model
+    assert two.fingerprint["pairs"] == single.fingerprint["pairs"]
+    assert two.fingerprint["checksum"] == pytest.approx(single.fingerprint["checksum"], rel=1e-9)
 
 
 def test_ranks_hold_identical_state_and_only_rank0_writes(torchrun_out):

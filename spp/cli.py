@@ -144,6 +144,8 @@ def cmd_eval(a) -> int:
     from . import embedded
     from .evaluate import classifier_metrics, embedding_metrics, paraphrase_stability, plot_quality, throughput, write_rows
 
+    if a.sweep is not None:
+        return _eval_sweep(a)
     dense, tok = _load_text_model(a.model) if a.labelled is None else _load_classifier(a.model)
     models = {}
     for d in a.pruned:
@@ -180,6 +182,33 @@ def cmd_eval(a) -> int:
         print(f"{r['name']:24s} {r['stage']:9s} pair params {r['pair_params_kept']:.3f}  speedup {r['speedup']:.2f}x  "
               f"{metric} {r[metric]:.4f}")
     print(f"wrote {a.out}/eval.json, eval.csv, eval.png")
+    return 0
+
+
+def _eval_sweep(a) -> int:
+    from . import embedded
+    from .evaluate import embedding_metrics, path_sweep, plot_sweep, sweep_fractions, write_rows
+    from .handle import attach
+    from .path import SolutionPath
+
+    if a.labelled is not None:
+        raise ValueError("--sweep evaluates sentence embeddings; it does not take --labelled")
+    fractions = sweep_fractions(a.points, a.lowest)
+    path = SolutionPath.load(a.sweep)
+    dense, tok = _load_text_model(a.model)
+    held = _heldout(a.text, a.sentences)
+    if len(held) < 2:
+        raise ValueError("--text: need at least 2 held-out sentences")
+    dense_emb = embedded.embed(dense, tok, held)
+    handle = attach(dense)
+    rows = path_sweep(handle, path, fractions, lambda m: embedding_metrics(embedded.embed(m, tok, held), dense_emb),
+                      by=a.by)
+    write_rows(rows, a.out, "sweep")
+    plot_sweep(rows, os.path.join(a.out, "sweep.png"))
+    for r in rows:
+        print(f"{a.by} {r['target']:.3f}  pair params {r['pair_params_kept']:.3f}  FLOPs {r['pair_flops_kept']:.3f}  "
+              f"cosine {r['cosine']:.4f}  top1 {r['top1_agreement']:.3f}  {r['eval_seconds']:.2f}s")
+    print(f"wrote {a.out}/sweep.json, sweep.csv, sweep.png")
     return 0
 
 
@@ -322,7 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="quality and speed of pruned models against the dense one")
     e.add_argument("--model", default="minilm", help="the dense model: 'minilm' or a Hugging Face folder")
-    e.add_argument("--pruned", nargs="+", required=True, help="folders written by spp prune / spp finetune")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pruned", nargs="+", help="folders written by spp prune / spp finetune")
+    what.add_argument("--sweep", metavar="PATH", help="a folder written by spp search: evaluate --points budgets "
+                      "along the path in the masked dense model (no weights copied), into sweep.json/csv/png")
+    e.add_argument("--points", type=_positive, default=12, help="--sweep: number of budgets (>= 2)")
+    e.add_argument("--lowest", type=float, default=0.1, help="--sweep: the smallest budget (fraction)")
+    e.add_argument("--by", choices=("params", "flops", "keep"), default="params", help="--sweep: the budget kind")
     e.add_argument("--out", required=True, help="folder for eval.json, eval.csv, eval.png")
     e.add_argument("--text", help="held-out sentences, one per line (default: the stdlib held-out split)")
     e.add_argument("--labelled", help="classifiers: a file of 'label<TAB>text' lines")

@@ -142,3 +142,64 @@ def plot_quality(rows: list[dict], out_png: str, metric: str = "cosine", title: 
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def sweep_fractions(points: int, lowest: float = 0.1) -> list[float]:
+    """``points`` budgets evenly spaced from 1.0 down to ``lowest`` (both included)."""
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be an int >= 2, got {points!r}")
+    if not 0 < lowest < 1:
+        raise ValueError(f"lowest must be in (0, 1), got {lowest!r}")
+    return [round(1.0 - (1.0 - lowest) * i / (points - 1), 6) for i in range(points)]
+
+
+@torch.no_grad()
+def path_sweep(handle, path, fractions: Sequence[float], evaluate, by: str = "params", **mask_options) -> list[dict]:
+    """Quality along the solution path without copying a weight: for each budget in ``fractions``
+    the path's masks are loaded into the attached model (dropped units are skipped through the
+    ``active`` lists of ``pair_matmul``, so an evaluation costs about its kept fraction of the MLP
+    work), ``evaluate(model) -> dict`` is called, and the masks are restored to ones at the end.
+
+    by: "params", "flops" or "keep" (per type); mask_options go to :meth:`SolutionPath.masks`.
+    Returns one row per budget: the target, the kept params/FLOPs fractions, the evaluation's
+    keys and ``eval_seconds``. The result equals evaluating the physically pruned models."""
+    if by not in ("params", "flops", "keep"):
+        raise ValueError(f"by must be 'params', 'flops' or 'keep', got {by!r}")
+    if not callable(evaluate):
+        raise TypeError("evaluate must be callable(model) -> dict")
+    rows = []
+    try:
+        for f in fractions:
+            masks = path.masks(**{by: f}, **mask_options)
+            handle.set_masks(masks)
+            t = time.perf_counter()
+            result = evaluate(handle.model)
+            seconds = time.perf_counter() - t
+            s = masks.summary()
+            rows.append({"by": by, "target": float(f), "pair_params_kept": s["params_kept_fraction"],
+                         "pair_flops_kept": s["flops_kept_fraction"], **result, "eval_seconds": seconds})
+    finally:
+        handle.set_masks(None)
+    return rows
+
+
+def plot_sweep(rows: list[dict], out_png: str, metrics: Sequence[str] = ("cosine", "top1_agreement")) -> None:
+    """Quality along the path (one line per metric) against the kept pair params."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = sorted(rows, key=lambda r: r["pair_params_kept"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric in metrics:
+        if all(metric in r for r in rs):
+            ax.plot([r["pair_params_kept"] for r in rs], [r[metric] for r in rs], marker="o", label=metric)
+    ax.set_xlabel("fraction of pair parameters kept")
+    ax.set_ylabel("agreement with the dense model")
+    ax.set_title(f"quality along the solution path ({len(rs)} budgets, one search)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

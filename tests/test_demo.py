@@ -80,3 +80,19 @@ def test_markdown_table_lists_every_row(report):
     for m in METHODS:
         assert md.count(f"\n| {m} | pruned |") == 3 and md.count(f"\n| {m} | finetuned |") == 1
     assert "distinct entry steps" in md
+
+
+def test_sweep_curve_matches_the_pruned_spp_rows(report):
+    """The demo's path sweep: ≥ 10 budgets from 1.0 down to 0.1 (at 1.0 every unit is kept, with
+    its final mask value folded in), and where a budget coincides with a pruned SPP row the masked
+    evaluation gives its numbers."""
+    out, rep = report
+    sweep = rep["sweep"]["rows"]
+    assert len(sweep) >= 10 and os.path.getsize(out / "sweep.png") > 0 and os.path.getsize(out / "sweep.csv") > 0
+    assert sweep[0]["pair_params_kept"] == 1.0 and sweep[-1]["pair_params_kept"] < 0.15
+    kept = [r["pair_params_kept"] for r in sweep]
+    assert kept == sorted(kept, reverse=True)
+    spp_rows = {r["target_params"]: r for r in rep["rows"] if r["method"] == "spp" and r["stage"] == "pruned"}
+    for r in sweep:
+        if round(r["target"], 6) in spp_rows:
+            assert r["cosine"] == pytest.approx(spp_rows[round(r["target"], 6)]["cosine"], abs=1e-4)

@@ -49,10 +49,13 @@ def count_params(model) -> int:
 @torch.no_grad()
 def flops_per_token(model, seq: int) -> float:
     """FLOPs of one forward of a (1, seq) input per token, counted by torch's FlopCounterMode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     ids = torch.full((1, seq), 1000, dtype=torch.long)
-    with FlopCounterMode(display=False) as fc:
+    # SDPA's math kernel: the counter has no formula for the CPU flash kernel and would count the
+    # attention of equal q/v widths (the dense model) as 0 FLOPs but that of pruned widths in full
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
     return fc.get_total_flops() / seq
 

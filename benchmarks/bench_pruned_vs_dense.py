@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
-import platform
-import statistics
 import sys
 import time
 import warnings
@@ -30,60 +27,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import spp  # noqa: E402
+from spp import bench, latency  # noqa: E402
 
-FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target_flops", "round_to", "flops_ratio",
-          "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency", "widths")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu: {model}"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def count_flops(model, inputs) -> int:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        _call(model, inputs)
-    return fc.get_total_flops()
-
-
-def _call(model, inputs):
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-@torch.no_grad()
-def side_by_side(models: dict, inputs, repeats: int, device) -> dict:
-    """Seconds per call of each model: median of ``repeats`` rounds, the models alternating."""
-    for m in models.values():  # warm-up (allocator, kernels, caches)
-        _call(m, inputs)
-        _call(m, inputs)
-    times = {k: [] for k in models}
-    for _ in range(repeats):
-        for k, m in models.items():
-            _sync(device)
-            t = time.perf_counter()
-            _call(m, inputs)
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def build(name: str, device, dtype):
@@ -151,57 +96,14 @@ def run_model(name, args, device, dtype, rows):
     t = time.time()
     path = make_path(handle)
     print(f"{name}: path in {time.time() - t:.1f} s", flush=True)
+    table = None
+    if args.latency:
+        table = latency.profile(model, batch=max(args.batches), seq=seq, repeats=args.repeats)
+        print(f"{name}: latency table measured at batch {max(args.batches)}", flush=True)
     spp.detach(model)  # the dense model runs its own, unmasked modules
-    dense_flops = count_flops(model, inputs(1))
-    dense_params = sum(p.numel() for p in model.parameters())
-    for target in args.flops:
-        for round_to in args.round_to:
-            masks = path.masks(flops=target, round_to=round_to)
-            small = spp.prune(model, masks).eval()
-            ratio = count_flops(small, inputs(1)) / dense_flops
-            params_ratio = sum(p.numel() for p in small.parameters()) / dense_params
-            for batch in args.batches:
-                x = inputs(batch)
-                sec = side_by_side({"dense": model, "pruned": small}, x, args.repeats, device)
-                speed = sec["dense"] / sec["pruned"]
-                rows.append({
-                    "model": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-                    "threads": torch.get_num_threads(), "batch": batch, "seq": seq, "target_flops": target,
-                    "round_to": round_to, "flops_ratio": round(ratio, 4), "params_ratio": round(params_ratio, 4),
-                    "dense_per_s": round(batch / sec["dense"], 3), "pruned_per_s": round(batch / sec["pruned"], 3),
-                    "speedup": round(speed, 3), "ideal_speedup": round(1 / ratio, 3),
-                    "efficiency": round(speed * ratio, 3),
-                    "widths": " ".join(str(w) for w in masks.widths().values())})
-                print(f"{name} flops {target} round_to {round_to} batch {batch}: FLOPs ratio {ratio:.3f}, "
-                      f"speed-up {speed:.2f}x of ideal {1 / ratio:.2f}x -> {speed * ratio:.2f}", flush=True)
-            del small
-
-
-def plot(rows, out_png):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["batch"], r["round_to"]), []).append(r)
-    for (model, batch, rt), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["ideal_speedup"])
-        ax.plot([r["ideal_speedup"] for r in rs], [r["speedup"] for r in rs], marker="o",
-                label=f"{model} batch {batch} round_to {rt}")
-    top = max([r["ideal_speedup"] for r in rows] + [1.0])
-    ax.plot([1, top], [1, top], "k:", label="ideal")
-    ax.plot([1, top], [0.9, 0.9 * top], "k--", lw=0.7, label="0.9 of ideal")
-    ax.set_xlabel("ideal speed-up (1 / FLOPs ratio)")
-    ax.set_ylabel("measured speed-up vs dense")
-    ax.set_title(rows[0]["device"] if rows else "")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    rows += bench.pruned_vs_dense(model, path, inputs, name=name, seq=seq, flops=args.flops, round_to=args.round_to,
+                                  batches=args.batches, repeats=args.repeats, latency_table=table,
+                                  latency=args.latency or ())
 
 
 def main():
@@ -215,6 +117,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--latency", nargs="*", type=float, default=None,
+                    help="also latency targets (a table is profiled first at the largest batch)")
     ap.add_argument("--quick", action="store_true", help="one target, batch 1, 3 repeats")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,15 +132,11 @@ def main():
     rows = []
     for name in models:
         run_model(name, args, device, dtype, rows)
-    os.makedirs(args.out, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
     path = os.path.join(args.out, f"pruned_vs_dense_{tag}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    bench.write_csv(rows, path)
     if rows:
-        plot(rows, path[:-4] + ".png")
+        bench.plot(rows, path[:-4] + ".png")
     print(f"wrote {path}")
 
 

@@ -83,7 +83,14 @@ def cmd_prune(a) -> int:
 
     path = SolutionPath.load(a.path)
     model, tok = _load_text_model(a.model)
-    target = {k: v for k, v in (("keep", a.keep), ("params", a.params), ("flops", a.flops)) if v is not None}
+    target = {k: v for k, v in (("keep", a.keep), ("params", a.params), ("flops", a.flops), ("latency", a.latency))
+              if v is not None}
+    if (a.latency is None) != (a.latency_table is None):
+        raise ValueError("--latency and --latency-table go together")
+    if a.latency_table is not None:
+        from .latency import LatencyTable
+
+        target["table"] = LatencyTable.load(a.latency_table)
     masks = path.masks(**target, round_to=a.round_to, min_keep=a.min_keep)
     handle = attach(model)
     small = prune(handle.model, masks)
@@ -255,6 +262,58 @@ def _labelled_batches(tok, path: str, batch_size: int):
     return out
 
 
+def cmd_bench(a) -> int:
+    import torch
+
+    from . import bench
+    from .handle import attach
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok = _load_text_model(a.model)
+    sents = _heldout(a.text, max(a.batches))
+    if len(sents) < max(a.batches):
+        sents = (sents * max(a.batches))[: max(a.batches)]
+
+    def inputs(batch):
+        enc = tok(sents[:batch], padding="max_length", truncation=True, max_length=a.seq, return_tensors="pt")
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+    if a.profile:
+        from .latency import profile
+
+        out = a.out if a.out.endswith(".json") else os.path.join(a.out, "latency.json")
+        table = profile(model, batch=max(a.batches), seq=a.seq, points=a.points, repeats=a.repeats)
+        table.save(out)
+        for kind in ("qk", "vo", "mlp"):
+            print(f"{kind}: " + ", ".join(f"{w}:{t:.2f}ms" for w, t in zip(table.widths[kind], table.ms[kind])))
+        print(f"latency table ({table.device}, batch {table.batch}, seq {table.seq}) written to {out}")
+        return 0
+    if a.path is None:
+        raise ValueError("give --path (a folder written by spp search) to compare dense and pruned, or --profile")
+    from .path import SolutionPath
+
+    path = SolutionPath.load(a.path)
+    attach(model)  # checks the model is supported; prune reads it unattached
+    from .handle import detach
+
+    detach(model)
+    table = None
+    if a.latency:
+        if a.latency_table is None:
+            raise ValueError("--latency needs --latency-table (spp bench --profile writes one)")
+        from .latency import LatencyTable
+
+        table = LatencyTable.load(a.latency_table)
+    rows = bench.pruned_vs_dense(model, path, inputs, name=a.model, seq=a.seq, flops=a.flops, round_to=a.round_to,
+                                 batches=a.batches, repeats=a.repeats, latency_table=table, latency=a.latency or ())
+    os.makedirs(a.out, exist_ok=True)
+    bench.write_csv(rows, os.path.join(a.out, "bench.csv"))
+    bench.plot(rows, os.path.join(a.out, "bench.png"))
+    print(f"wrote {a.out}/bench.csv, bench.png")
+    return 0
+
+
 def cmd_info(a) -> int:
     from spp_kernels.info import report
 
@@ -330,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=_fraction, help="fraction of units kept per pair type")
     g.add_argument("--params", type=_fraction, help="fraction of pair parameters kept")
     g.add_argument("--flops", type=_fraction, help="fraction of pair FLOPs kept")
+    g.add_argument("--latency", type=_fraction, help="fraction of the pair modules' latency kept (needs "
+                   "--latency-table from spp bench --profile)")
+    r.add_argument("--latency-table", help="a latency table written by spp bench --profile")
     r.add_argument("--round-to", type=_positive, default=1)
     r.add_argument("--min-keep", type=_positive, default=1)
     r.set_defaults(fn=cmd_prune)
@@ -366,6 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bench-batch", type=_positive, default=16)
     e.add_argument("--repeats", type=_positive, default=3)
     e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="dense vs pruned speed from a path, or --profile a latency table")
+    b.add_argument("--model", default="minilm", help="'minilm' or a Hugging Face BERT folder")
+    b.add_argument("--profile", action="store_true", help="measure each pair type's latency against its width "
+                   "and write a latency table (for spp prune --latency)")
+    b.add_argument("--path", help="folder written by spp search (without --profile)")
+    b.add_argument("--out", required=True, help="folder (or, with --profile, a .json file)")
+    b.add_argument("--text", help="sentences to time on (default: the stdlib held-out split)")
+    b.add_argument("--flops", nargs="+", type=_fraction, default=[0.7, 0.5, 0.3])
+    b.add_argument("--latency", nargs="+", type=_fraction, help="latency targets (with --latency-table)")
+    b.add_argument("--latency-table", help="a table written by spp bench --profile")
+    b.add_argument("--round-to", nargs="+", type=_positive, default=[1, 8])
+    b.add_argument("--batches", nargs="+", type=_positive, default=[1, 64])
+    b.add_argument("--seq", type=_positive, default=128)
+    b.add_argument("--points", type=_positive, default=9, help="--profile: widths per pair type")
+    b.add_argument("--repeats", type=_positive, default=7)
+    b.add_argument("--threads", type=_positive, default=None)
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="which backend serves each op, and the supported model families")
     i.set_defaults(fn=cmd_info)

@@ -123,13 +123,17 @@ class SolutionPath:
 
     # --- mask sets ------------------------------------------------------------------------
     def masks(self, keep: Union[float, dict, None] = None, *, params: Optional[float] = None,
-              flops: Optional[float] = None, round_to: int = 1, min_keep: int = 1,
-              values: str = "final", allocation: str = "auto", layer_floor: float = 0.0) -> MaskSet:
+              flops: Optional[float] = None, latency: Optional[float] = None, table=None, round_to: int = 1,
+              min_keep: int = 1, values: str = "final", allocation: str = "auto",
+              layer_floor: float = 0.0) -> MaskSet:
         """A mask set read off the path for one target (exactly one of them):
 
         keep:   fraction of units kept per pair type (float, or {"qk": .., "vo": .., "mlp": ..});
         params: fraction of the pair parameters kept;
-        flops:  fraction of the pair FLOPs per token kept.
+        flops:  fraction of the pair FLOPs per token kept;
+        latency: fraction of the pair modules' measured latency kept, charged with ``table`` (a
+                :class:`spp.latency.LatencyTable` from ``spp.latency.profile`` / ``spp bench
+                --profile``): each unit costs the latency it adds at its pair's width.
         allocation: how the target is shared among the pairs —
                 "type":    one global threshold per pair type over all layers (the authors'; the
                            default for keep=);
@@ -141,9 +145,13 @@ class SolutionPath:
         min_keep: each pair keeps at least this many units;
         values: "final" folds the kept units' final mask values, "ones" keeps them at 1.
         """
-        given = [n for n, v in (("keep", keep), ("params", params), ("flops", flops)) if v is not None]
+        given = [n for n, v in (("keep", keep), ("params", params), ("flops", flops), ("latency", latency))
+                 if v is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of keep=, params=, flops= (got {given or 'none'})")
+            raise ValueError(f"give exactly one of keep=, params=, flops=, latency= (got {given or 'none'})")
+        if (latency is None) != (table is None):
+            raise ValueError("latency= needs table= (a LatencyTable from spp.latency.profile), and table= is only "
+                             "used with latency=")
         for name, v in (("round_to", round_to), ("min_keep", min_keep)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -155,6 +163,8 @@ class SolutionPath:
             raise ValueError(f"allocation must be one of {ALLOCATIONS} or 'auto', got {allocation!r}")
         if given[0] == "keep" and allocation == "global":
             raise ValueError("allocation='global' needs a params= or flops= budget (keep= is per type)")
+        if given[0] == "latency" and allocation != "global":
+            raise ValueError("latency= budgets use allocation='global' (a cost-aware walk with the measured costs)")
         if isinstance(layer_floor, bool) or not isinstance(layer_floor, numbers.Real) or not 0 <= layer_floor <= 1:
             raise ValueError(f"layer_floor must be a number in [0, 1], got {layer_floor!r}")
         order = self.rank()
@@ -162,7 +172,13 @@ class SolutionPath:
         pos[order] = np.arange(order.size)  # pos[u]: rank of unit u
         sizes = np.array([p.size for p in self.pairs])
         floor = np.minimum(sizes, np.maximum(min_keep, np.ceil(layer_floor * sizes - 1e-9).astype(np.int64)))
-        if allocation == "uniform":
+        predicted = None
+        if given[0] == "latency":
+            from .latency import counts_by_latency
+
+            frac = _fraction("latency", latency)
+            counts, predicted = counts_by_latency(self, frac, table, order, floor, round_to, min_keep)
+        elif allocation == "uniform":
             if given[0] == "keep":
                 fr = self._type_fractions(keep)
                 frac = np.array([fr[p.kind] for p in self.pairs])
@@ -185,11 +201,14 @@ class SolutionPath:
             vals = self.m[o + idx_local] if values == "final" else np.ones(idx_local.size, np.float32)
             kept[p.name] = (torch.from_numpy(idx_local.astype(np.int64)), torch.from_numpy(vals.astype(np.float32)))
             n_kept_mask[o + idx_local] = True
-        target = keep if given[0] == "keep" else (params if params is not None else flops)
+        target = {"keep": keep, "params": params, "flops": flops, "latency": latency}[given[0]]
         # plain floats (numpy scalars are accepted above but are not JSON-serialisable)
         target = {k: float(v) for k, v in target.items()} if isinstance(target, dict) else float(target)
         meta = {"target": {given[0]: target}, "allocation": allocation, "layer_floor": float(layer_floor),
                 "round_to": round_to, "min_keep": min_keep, "values": values}
+        if predicted is not None:
+            meta["latency_kept_fraction_predicted"] = float(predicted)
+            meta["latency_table"] = {k: table.to_dict()[k] for k in ("device", "dtype", "batch", "seq")}
         return MaskSet(kept, {p.name: p.size for p in self.pairs}, self.fingerprint,
                        float(self.params_cost[n_kept_mask].sum()), float(self.params_cost.sum()),
                        float(self.flops_cost[n_kept_mask].sum()), float(self.flops_cost.sum()), meta,

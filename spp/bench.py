@@ -1,0 +1,154 @@
+"""Dense vs pruned speed, measured side by side (``spp bench``, benchmarks/bench_pruned_vs_dense.py).
+
+FLOPs are counted by torch's FlopCounterMode under SDPA's math kernel (the counter has no formula
+for the CPU flash kernel, which would count dense attention as 0). Times are medians of repeats
+in which the models alternate, so a slow spell of a shared machine hits them alike.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
+          "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
+          "latency_predicted", "widths")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name}"
+
+
+def call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+@torch.no_grad()
+def count_flops(model, inputs) -> int:
+    """FLOPs of one forward on ``inputs`` (attention included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        call(model, inputs)
+    return fc.get_total_flops()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def side_by_side(models: dict, inputs, repeats: int = 7) -> dict:
+    """Seconds per forward of each model: median of ``repeats`` rounds with the models alternating
+    (two warm-up calls each first)."""
+    device = next(iter(models.values())).parameters().__next__().device
+    for m in models.values():
+        call(m, inputs)
+        call(m, inputs)
+    times = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            _sync(device)
+            t = time.perf_counter()
+            call(m, inputs)
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, seq: int,
+                    flops: Sequence[float] = (0.7, 0.5, 0.3), round_to: Sequence[int] = (1, 8),
+                    batches: Sequence[int] = (1, 64), repeats: int = 7, latency_table=None,
+                    latency: Sequence[float] = (), log: Optional[Callable[[str], None]] = print) -> list[dict]:
+    """Rows of dense vs physically pruned throughput for each target × round_to × batch.
+
+    model: the dense model (not attached); path: its SolutionPath; inputs(batch) -> model inputs
+    at sequence ``seq``. ``latency`` targets (with ``latency_table``) add rows whose masks come
+    from ``path.masks(latency=…)``; their ``latency_predicted`` is the table's prediction."""
+    from .prune import prune
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    dense_flops = count_flops(model, inputs(1))
+    dense_params = sum(p.numel() for p in model.parameters())
+    targets = [("flops", f) for f in flops] + [("latency", f) for f in latency]
+    rows = []
+    for kind, target in targets:
+        for rt in round_to:
+            extra = {"table": latency_table} if kind == "latency" else {}
+            masks = path.masks(**{kind: target}, round_to=rt, **extra)
+            small = prune(model, masks).eval()
+            ratio = count_flops(small, inputs(1)) / dense_flops
+            params_ratio = sum(p.numel() for p in small.parameters()) / dense_params
+            for b in batches:
+                sec = side_by_side({"dense": model, "pruned": small}, inputs(b), repeats)
+                speed = sec["dense"] / sec["pruned"]
+                rows.append({
+                    "model": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+                    "threads": torch.get_num_threads(), "batch": b, "seq": seq, "target": f"{kind}={target:g}",
+                    "round_to": rt, "flops_ratio": round(ratio, 4), "params_ratio": round(params_ratio, 4),
+                    "dense_per_s": round(b / sec["dense"], 3), "pruned_per_s": round(b / sec["pruned"], 3),
+                    "speedup": round(speed, 3), "ideal_speedup": round(1 / ratio, 3),
+                    "efficiency": round(speed * ratio, 3),
+                    "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
+                    "widths": " ".join(str(w) for w in masks.widths().values())})
+                if log is not None:
+                    log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
+                        f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f})")
+            del small
+    return rows
+
+
+def write_csv(rows: list[dict], file: str) -> None:
+    import csv
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    with open(file, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict], out_png: str) -> None:
+    """Measured vs ideal speed-up, one line per (model, batch, round_to)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["batch"], r["round_to"], r["target"].split("=")[0]), []).append(r)
+    for (model, batch, rt, kind), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["ideal_speedup"])
+        ax.plot([r["ideal_speedup"] for r in rs], [r["speedup"] for r in rs], marker="o",
+                label=f"{model} {kind} batch {batch} round_to {rt}")
+    top = max([r["ideal_speedup"] for r in rows] + [1.0])
+    ax.plot([1, top], [1, top], "k:", label="ideal")
+    ax.plot([1, top], [0.9, 0.9 * top], "k--", lw=0.7, label="0.9 of ideal")
+    ax.set_xlabel("ideal speed-up (1 / FLOPs ratio)")
+    ax.set_ylabel("measured speed-up vs dense")
+    ax.set_title(rows[0]["device"] if rows else "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency", type=_fraction, help="fraction of the pair modules' latency kept (needs "
                    "--latency-table from spp bench --profile)")
     r.add_argument("--latency-table", help="a latency table written by spp bench --profile")
-    r.add_argument("--round-to", type=_positive, default=1)
+    r.add_argument("--round-to", type=_positive, default=None,
+                   help="each pair keeps a multiple of this many units (default: 8 with CUDA, else 1)")
     r.add_argument("--min-keep", type=_positive, default=1)
     r.set_defaults(fn=cmd_prune)
 

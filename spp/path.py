@@ -123,7 +123,7 @@ class SolutionPath:
 
     # --- mask sets ------------------------------------------------------------------------
     def masks(self, keep: Union[float, dict, None] = None, *, params: Optional[float] = None,
-              flops: Optional[float] = None, latency: Optional[float] = None, table=None, round_to: int = 1,
+              flops: Optional[float] = None, latency: Optional[float] = None, table=None, round_to: Optional[int] = None,
               min_keep: int = 1, values: str = "final", allocation: str = "auto",
               layer_floor: float = 0.0) -> MaskSet:
         """A mask set read off the path for one target (exactly one of them):
@@ -141,7 +141,9 @@ class SolutionPath:
                            FLOPs, pairs of every type competing (the default for params=/flops=);
                 "uniform": every pair keeps the same fraction of its own units, its best ones.
         layer_floor: with "global", every pair keeps at least this fraction of its units;
-        round_to: each pair keeps a multiple of this many units (or all of them);
+        round_to: each pair keeps a multiple of this many units (or all of them); None means
+                  :func:`default_round_to` (8 where CUDA is available, where widths off a multiple
+                  of 8 leave tensor cores idle; 1 on CPUs; ``SPP_ROUND_TO`` overrides);
         min_keep: each pair keeps at least this many units;
         values: "final" folds the kept units' final mask values, "ones" keeps them at 1.
         """
@@ -152,6 +154,8 @@ class SolutionPath:
         if (latency is None) != (table is None):
             raise ValueError("latency= needs table= (a LatencyTable from spp.latency.profile), and table= is only "
                              "used with latency=")
+        if round_to is None:
+            round_to = default_round_to()
         for name, v in (("round_to", round_to), ("min_keep", min_keep)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -344,6 +348,17 @@ def _check_pairs(pairs: list) -> None:
                 raise ValueError(f"pair {p.name!r}: {k} must be an int >= 0, got {v!r}")
     if len({p.name for p in pairs}) != len(pairs):
         raise ValueError("pair names are not unique")
+
+
+def default_round_to() -> int:
+    """The ``round_to`` of :meth:`SolutionPath.masks` when none is given: ``SPP_ROUND_TO`` if set,
+    else 8 when CUDA is available and 1 otherwise."""
+    env = os.environ.get("SPP_ROUND_TO", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"SPP_ROUND_TO must be a positive integer, got {env!r}")
+        return int(env)
+    return 8 if torch.cuda.is_available() else 1
 
 
 def _round_counts(counts, sizes, round_to, floor) -> np.ndarray:

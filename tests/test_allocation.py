@@ -1,6 +1,7 @@
 """Allocation policies on the path: per type (authors'), cost-aware global (+ layer floor), uniform."""
 import numpy as np
 import pytest
+import torch
 
 from spp.arena import PairSpec
 from spp.path import SolutionPath
@@ -63,3 +64,18 @@ def test_bad_allocation_arguments():
         p.masks(params=0.5, layer_floor=1.5)
     with pytest.raises(ValueError, match="params"):
         p.masks(params=0.3, layer_floor=0.9)
+
+
+def test_default_round_to_follows_the_device_and_the_environment(monkeypatch):
+    from spp.path import default_round_to
+
+    monkeypatch.delenv("SPP_ROUND_TO", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_round_to() == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_round_to() == 1
+    monkeypatch.setenv("SPP_ROUND_TO", "4")
+    assert default_round_to() == 4
+    monkeypatch.setenv("SPP_ROUND_TO", "zero")
+    with pytest.raises(ValueError, match="SPP_ROUND_TO must be a positive integer"):
+        default_round_to()

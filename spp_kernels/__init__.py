@@ -6,7 +6,7 @@ from . import _ext, dispatch, reference  # noqa: F401  (_ext registers the exten
 from . import triton as _triton  # noqa: F401
 from .reference import ACTIVATIONS, inclusion_scalars
 
-__all__ = ["masked_linear", "pair_matmul", "inclusion_step", "ACTIVATIONS", "inclusion_scalars", "dispatch"]
+__all__ = ["masked_linear", "pair_matmul", "inclusion_step", "attention", "ACTIVATIONS", "inclusion_scalars", "dispatch"]
 __version__ = "0.1.0"
 
 
@@ -25,3 +25,8 @@ def inclusion_step(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count,
     return dispatch.resolve("inclusion_step", m.device)(
         m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count, step, **hyper
     )
+
+
+def attention(q, k, v, scale, attn_mask=None, is_causal=False):
+    """``softmax(q kᵀ · scale) v`` for any qk and v widths; see reference.attention."""
+    return dispatch.resolve("attention", q.device)(q, k, v, scale, attn_mask, is_causal)

@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 
-OPS = ("masked_linear", "pair_matmul", "inclusion_step")
+OPS = ("masked_linear", "pair_matmul", "inclusion_step", "attention")
 BACKENDS = ("torch", "triton", "ext")
 PREFERENCE = ("triton", "ext", "torch")
 
@@ -99,5 +99,8 @@ def explain(device_type: str = "cpu") -> list[tuple[str, str, str]]:
     return [(op, *choose(op, device_type)) for op in OPS]
 
 
+# the torch backend: the reference itself, except attention, which runs PyTorch's SDPA
+TORCH = {op: getattr(reference, op) for op in OPS}
+TORCH["attention"] = reference.sdpa_attention
 for _op in OPS:
-    register(_op, "torch", getattr(reference, _op))
+    register(_op, "torch", TORCH[_op])

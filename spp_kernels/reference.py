@@ -280,3 +280,68 @@ def inclusion_step(
     entry.masked_fill_((entry == -1) & nz, step)
     if record:
         support_count.add_(nz.to(torch.int32))
+
+
+def check_attention(q, k, v, scale, attn_mask=None, is_causal=False) -> None:
+    """Validate the arguments of :func:`attention` (shared by every backend)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, tokens, width), got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, N, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(f"q, k, v must agree on (batch, heads): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k's width {k.shape[3]} != q's width {D}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v has {v.shape[2]} tokens, k has {k.shape[2]}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+            raise TypeError("attn_mask must be a bool tensor (True = attend) or None")
+        if attn_mask.shape != (B, k.shape[2]):
+            raise ValueError(f"attn_mask must be (batch, key tokens) = {(B, k.shape[2])}, got {tuple(attn_mask.shape)}")
+        if is_causal:
+            raise ValueError("give attn_mask or is_causal, not both")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask) v`` where the qk width may differ from the v width and
+    either may be any size (pruned attention).
+
+    q: (B, H, N, D) float; k: (B, H, M, D); v: (B, H, M, Dv); scale: the *original* model's scale
+    (pruning must not change it); attn_mask: (B, M) bool key-padding mask (True = attend) or None;
+    is_causal: query i attends keys j <= i (N == M). Returns (B, H, N, Dv) in q's dtype; softmax in
+    fp32. A query row with no key to attend gives zeros."""
+    check_attention(q, k, v, scale, attn_mask, is_causal)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    allowed = None
+    if attn_mask is not None:
+        allowed = attn_mask[:, None, None, :]
+    if is_causal:
+        N, M = q.shape[2], k.shape[2]
+        allowed = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with every key masked: zeros, not NaN
+    return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    """The torch backend of :func:`attention`: PyTorch's SDPA (its fast kernels where they accept
+    the widths, its math path elsewhere), with rows that attend to no key set to 0 as in the
+    reference."""
+    check_attention(q, k, v, scale, attn_mask, is_causal)
+    mask = None if attn_mask is None else attn_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    if attn_mask is not None:
+        out = out.masked_fill(~attn_mask.any(-1)[:, None, None, None], 0.0)
+    return out

@@ -37,3 +37,26 @@ def oracle_pair(x, W1, b1, m, W2, b2, act, active=None):
     h = oracle_act(act, x.double() @ W1.double().T + (0.0 if b1 is None else b1.double())) * m
     out = h @ W2.double().T
     return out if b2 is None else out + b2.double()
+
+
+def oracle_attention(q, k, v, scale, attn_mask=None, is_causal=False):
+    """Attention from its formula in float64, one query row at a time (explicit exp-normalise;
+    a row with no key to attend is 0)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, N, _ = q.shape
+    M = k.shape[2]
+    out = torch.zeros(B, H, N, v.shape[3], dtype=torch.float64)
+    for b in range(B):
+        for i in range(N):
+            allowed = torch.ones(M, dtype=torch.bool)
+            if attn_mask is not None:
+                allowed &= attn_mask[b].bool()
+            if is_causal:
+                allowed &= torch.arange(M) <= i + (M - N)
+            if not allowed.any():
+                continue
+            s = (k[b, :, allowed] @ q[b, :, i, :, None]).squeeze(-1) * scale  # (H, kept keys)
+            w = torch.exp(s - s.max(dim=-1, keepdim=True).values)
+            w = w / w.sum(dim=-1, keepdim=True)
+            out[b, :, i] = (w[:, :, None] * v[b, :, allowed]).sum(1)
+    return out

@@ -51,7 +51,7 @@ def arenas(n=13):
 
 
 def test_ops_list():
-    assert dispatch.OPS == ("masked_linear", "pair_matmul", "inclusion_step")
+    assert dispatch.OPS == ("masked_linear", "pair_matmul", "inclusion_step", "attention")
     assert set(dispatch.PREFERENCE) == set(dispatch.BACKENDS) and dispatch.PREFERENCE[-1] == "torch"
 
 
@@ -66,7 +66,7 @@ def test_default_cpu_backend_is_torch(clean_env, value):
         assert reason.startswith("fastest available"), reason
         # the reason says why the faster backends were skipped
         assert "Triton" in reason and "not built" in reason, reason
-        assert dispatch.resolve(op, CPU) is getattr(reference, op)
+        assert dispatch.resolve(op, CPU) is dispatch.TORCH[op]
     assert [row[:2] for row in dispatch.explain("cpu")] == [(op, "torch") for op in dispatch.OPS]
 
 
@@ -76,7 +76,7 @@ def test_forced_torch(clean_env):
         warnings.simplefilter("error")  # forcing an available backend must not warn
         for op in dispatch.OPS:
             assert dispatch.choose(op, "cpu") == ("torch", "forced by SPP_BACKEND")
-            assert dispatch.resolve(op, CPU) is getattr(reference, op)
+            assert dispatch.resolve(op, CPU) is dispatch.TORCH[op]
 
 
 def test_public_ops_equal_reference_on_torch_backend(clean_env):
@@ -148,6 +148,8 @@ def test_registered_fake_ext_backend_is_chosen(scratch_registry):
         assert spp_kernels.pair_matmul(x, W1, b1, m, W2, b2, "relu") == "fake pair_matmul"
         A = arenas()
         assert spp_kernels.inclusion_step(*A, 4, lr=0.1, record=True) == "fake inclusion_step"
+        q = torch.randn(1, 2, 3, 5)
+        assert spp_kernels.attention(q, q, q[..., :4], 0.5) == "fake attention"
     assert [c[0] for c in calls] == list(dispatch.OPS)
     assert calls[0][1][0] is x and calls[0][1][5] == "gelu"
     assert calls[1][1][6] == "relu" and calls[1][1][7] is None  # act, active

@@ -28,6 +28,12 @@ test-slow: $(STAMP)
 	SPP_HYPOTHESIS_PROFILE=slow $(PYTEST) -q -m slow tests
 	SPP_HYPOTHESIS_PROFILE=slow $(PYTEST) -q tests/test_fuzz.py --hypothesis-show-statistics
 
+# the kernel benchmarks (CPU; CSV rows in benchmarks/results/kernels_cpu.csv); QUICK=1 for a short run
+bench: $(STAMP)
+	$(PY) benchmarks/bench_inclusion_step.py $(if $(QUICK),--quick)
+	$(PY) benchmarks/bench_pair_matmul.py $(if $(QUICK),--quick)
+	$(PY) benchmarks/bench_masked_linear.py $(if $(QUICK),--quick)
+
 info: $(STAMP)
 	$(PY) -m spp_kernels.info
 

@@ -1,26 +1,34 @@
 """Loads the compiled extension ``spp_kernels._C`` when it was built, and registers its ops.
 
-Absent or broken, the package still works: the dispatcher records why and falls back.
+Absent, broken or disabled (``SPP_DISABLE_EXT=1``), the package still works: the dispatcher
+records why and falls back.
 """
 from __future__ import annotations
 
-from . import dispatch
-
 import importlib
 import importlib.util
+import os
+
+from . import dispatch
 
 _C = None
-if importlib.util.find_spec("spp_kernels._C") is None:
+with_cuda = False
+if os.environ.get("SPP_DISABLE_EXT", "") not in ("", "0"):
+    dispatch.mark_unavailable("ext", "spp_kernels._C disabled by SPP_DISABLE_EXT")
+elif importlib.util.find_spec("spp_kernels._C") is None:
     dispatch.mark_unavailable("ext", "spp_kernels._C was not built")
 else:
     try:  # the extension is optional: a broken build must not break the package
         _C = importlib.import_module("spp_kernels._C")
+        from . import ext_ops
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        _C = None
         dispatch.mark_unavailable("ext", f"spp_kernels._C failed to load ({type(exc).__name__}: {exc})")
-if _C is not None:  # pragma: no cover - until csrc/ provides ops
-    for op in dispatch.OPS:
-        fn = getattr(_C, op, None)
-        if fn is not None:
-            dispatch.register(op, "ext", fn, devices=("cpu",))
+if _C is not None:
+    with_cuda = bool(getattr(_C, "with_cuda", 0))
+    dispatch.register("masked_linear", "ext", ext_ops.masked_linear, devices=("cpu",))
+    dispatch.register("pair_matmul", "ext", ext_ops.pair_matmul, devices=("cpu",))
+    dispatch.register("inclusion_step", "ext", ext_ops.inclusion_step,
+                      devices=("cpu", "cuda") if with_cuda else ("cpu",))
 
 available = _C is not None

@@ -1,0 +1,40 @@
+// Shared pieces of the CPU GEMM ops: the activation names and the epilogue / reduction loops run
+// over row-major (tokens, columns) fp32 buffers after the GEMM.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <string>
+
+namespace spp_ext {
+
+enum class Act { None, Gelu, GeluTanh, Relu, Silu };
+
+inline Act parse_act(const std::string& name) {
+  if (name == "none") return Act::None;
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "relu") return Act::Relu;
+  if (name == "silu") return Act::Silu;
+  TORCH_CHECK_VALUE(false, "act must be one of gelu, gelu_tanh, none, relu, silu; got '", name, "'");
+}
+
+// Rows per parallel task: enough work per task that small problems stay on one thread.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+// act(pre) with ATen's activation kernels (bit-identical to the reference), in place or a copy.
+at::Tensor act_forward(const at::Tensor& pre, Act act, bool inplace);
+// The gradient of pre given the gradient of act(pre).
+at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& pre, Act act);
+
+// out[t, c] = act(pre[t, c]) * mvec[c], written in out's dtype (may alias pre when fp32).
+void epilogue_forward(const at::Tensor& pre, const at::Tensor& mvec, Act act, at::Tensor& out);
+
+// Backward epilogue over columns c of (T, N): given the upstream gradient gh (fp32, T x N) of
+// h = act(pre) * mvec, writes dm[c] = sum_t gh * act(pre) (fixed token order per column, so the
+// result does not depend on the thread count) and, in place, gh <- gh * mvec * act'(pre).
+void epilogue_backward(at::Tensor& gh, const at::Tensor& pre, const at::Tensor& mvec, Act act, at::Tensor& dm);
+
+// The fp32, contiguous version of t (no copy when it already is).
+inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+}  // namespace spp_ext

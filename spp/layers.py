@@ -125,6 +125,65 @@ class MaskedMlp(nn.Module):
         return f"act={self.act}, hidden={self.fc1.out_features}, {'masked' if self.slot is not None else 'pruned'}"
 
 
+class GatedMaskedMlp(MaskedMlp):
+    """The gated (SwiGLU) MLP pair ``down((act(gate(x)) ⊙ m) · up(x))``; unit j masks the product
+    act(gate_j(x))·up_j(x). ``fc1`` is the gate, ``fc2`` the down projection; pruned when ``slot`` is None."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: str, slot: Optional[MaskSlot] = None,
+                 drop: float = 0.0):
+        super().__init__(gate, down, act, slot, drop)
+        if up.weight.shape != gate.weight.shape:
+            raise ValueError(f"up {tuple(up.weight.shape)} and gate {tuple(gate.weight.shape)} shapes differ")
+        self.up = up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot is None or not self.slot.enabled:
+            h = spp_kernels.reference.activation(self.act)(self.fc1(x))
+        else:  # the mask rides in the gate GEMM's epilogue
+            h = spp_kernels.masked_linear(x, self.fc1.weight, self.fc1.bias, self.slot.mask(), None, self.act)
+        return self.drop(self.fc2(h * self.up(x)))
+
+
+class MaskedLinear(nn.Module):
+    """Drop-in ``nn.Linear`` whose output columns are masked: ``act(x Wᵀ + b) ⊙ m[col2unit]``.
+
+    ``linear``: the wrapped Linear (its parameters are used, not copied); ``col2unit``: (out,) int64
+    mapping each output column to a mask unit, or None when there is one unit per column; the mask
+    comes from ``slot``; without a slot (or with the arena disabled) it is a plain ``F.linear``.
+    """
+
+    def __init__(self, linear: nn.Linear, slot: Optional[MaskSlot] = None, col2unit: Optional[torch.Tensor] = None,
+                 act: Optional[str] = None):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if act is not None:
+            spp_kernels.reference.activation(act)  # validates the name
+        self.linear, self.slot, self.act = linear, slot, act
+        if col2unit is not None:
+            col2unit = torch.as_tensor(col2unit, dtype=torch.int64, device=linear.weight.device)
+            if col2unit.shape != (linear.out_features,):
+                raise ValueError(f"col2unit must have shape ({linear.out_features},), got {tuple(col2unit.shape)}")
+        self.register_buffer("col2unit", col2unit, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot is None or not self.slot.enabled:
+            return spp_kernels.reference.activation(self.act)(F.linear(x, self.linear.weight, self.linear.bias))
+        return spp_kernels.masked_linear(x, self.linear.weight, self.linear.bias, self.slot.mask(), self.col2unit,
+                                         self.act)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, {'masked' if self.slot is not None else 'plain'}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Folding: build the narrow (pruned) layers from a full-width one and a set of kept units.
 
@@ -180,6 +239,9 @@ def prune_mlp(mlp: MaskedMlp, kept: torch.Tensor, values: torch.Tensor) -> Maske
     """A narrow copy of ``mlp`` keeping hidden units ``kept``; mask values folded into fc2 columns."""
     fc1 = _narrow_linear(mlp.fc1, rows=kept)
     fc2 = _narrow_linear(mlp.fc2, cols=kept, col_scale=values)
-    new = MaskedMlp(fc1, fc2, mlp.act, None, mlp.drop.p)
+    if isinstance(mlp, GatedMaskedMlp):  # gate and up lose the same rows
+        new = GatedMaskedMlp(fc1, _narrow_linear(mlp.up, rows=kept), fc2, mlp.act, None, mlp.drop.p)
+    else:
+        new = MaskedMlp(fc1, fc2, mlp.act, None, mlp.drop.p)
     new.train(mlp.training)
     return new

@@ -212,7 +212,7 @@ def test_path_load_mismatched_files(bert, tmp_path):
     ({"format": "something-else"}, "not a spp-pruned-model file"),
     ({"version": 99}, "unsupported version 99"),
     ({"version": "1"}, "unsupported version"),
-    ({"family": "llama"}, "unknown model family 'llama'"),
+    ({"family": "gpt2"}, "unknown model family 'gpt2'"),
 ])
 def test_load_pruned_bad_config(bert, tmp_path, edit, match):
     spp.save_pruned(spp.prune(bert[0], bert[3].masks(keep=0.5)), tmp_path)

@@ -5,9 +5,13 @@ import torch.nn as nn
 
 from .base import Adapter
 from .bert import BertAdapter
+from .clip import ClipAdapter
+from .llama import LlamaAdapter
+from .opt import OptAdapter
+from .swin import SwinAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {a.family: a for a in (BertAdapter, TimmViTAdapter)}
+ADAPTERS: dict[str, type[Adapter]] = {a.family: a for a in (BertAdapter, TimmViTAdapter, LlamaAdapter, OptAdapter, ClipAdapter, SwinAdapter)}
 
 
 def supported() -> str:

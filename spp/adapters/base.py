@@ -6,10 +6,12 @@ costs, folding) is shared here.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from ..arena import MaskArena, PairSpec
 from ..layers import MaskedAttention, MaskedMlp, MaskSlot, prune_attention, prune_mlp
@@ -81,8 +83,24 @@ class Adapter:
         specs = []
         for i, block in enumerate(self.blocks(model)):
             attn, mlp = self.parts(block)
-            specs.extend(pair_specs_of(i, attn, mlp, n))
+            specs.extend(self.block_specs(i, attn, mlp, n))
         return specs
+
+    # hooks for families whose layers are not plain MaskedAttention / MaskedMlp (GQA, RoPE, SwiGLU)
+    def block_name(self, i: int) -> str:
+        """Prefix of block ``i``'s pair names (``<prefix>.qk`` …); models with several towers override it."""
+        return f"blocks.{i}"
+
+    def block_specs(self, layer: int, attn: nn.Module, mlp: nn.Module, seq_len: int) -> list[PairSpec]:
+        return pair_specs_of(layer, attn, mlp, seq_len, self.block_name(layer))
+
+    def prune_parts(self, attn: nn.Module, mlp: nn.Module, qk, vo, ml) -> tuple[nn.Module, nn.Module]:
+        """Narrow copies of one block's layers; ``qk``/``vo``/``ml`` are (kept int64, values fp32)."""
+        return prune_attention(attn, qk[0], qk[1], vo[0], vo[1]), prune_mlp(mlp, ml[0], ml[1])
+
+    def block_widths(self, attn: nn.Module, mlp: nn.Module) -> tuple[int, int, int]:
+        """Number of qk, vo and mlp units of one block."""
+        return attn.qk_dim, attn.v_dim, mlp.fc1.out_features
 
     def attach(self, model: nn.Module, arena: MaskArena) -> list:
         saved = []
@@ -90,9 +108,10 @@ class Adapter:
             if self.installed(block) is not None:
                 raise ValueError("model is already attached (or already pruned): call spp.detach first")
             attn, mlp = self._make(block)
-            attn.qk_slot = MaskSlot(arena, f"blocks.{i}.qk")
-            attn.vo_slot = MaskSlot(arena, f"blocks.{i}.vo")
-            mlp.slot = MaskSlot(arena, f"blocks.{i}.mlp")
+            name = self.block_name(i)
+            attn.qk_slot = MaskSlot(arena, f"{name}.qk")
+            attn.vo_slot = MaskSlot(arena, f"{name}.vo")
+            mlp.slot = MaskSlot(arena, f"{name}.mlp")
             saved.append(self.install(block, attn, mlp))
         return saved
 
@@ -104,10 +123,11 @@ class Adapter:
         """Replace every block's attention and MLP by narrow copies keeping ``kept[pair] = (idx, values)``."""
         for i, block in enumerate(self.blocks(model)):
             attn, mlp = self.parts(block)
-            qk, vo, ml = kept[f"blocks.{i}.qk"], kept[f"blocks.{i}.vo"], kept[f"blocks.{i}.mlp"]
+            name = self.block_name(i)
+            qk, vo, ml = kept[f"{name}.qk"], kept[f"{name}.vo"], kept[f"{name}.mlp"]
             dev = attn.q.weight.device
-            new_attn = prune_attention(attn, qk[0].to(dev), qk[1].to(dev), vo[0].to(dev), vo[1].to(dev))
-            new_mlp = prune_mlp(mlp, ml[0].to(dev), ml[1].to(dev))
+            new_attn, new_mlp = self.prune_parts(attn, mlp, (qk[0].to(dev), qk[1].to(dev)),
+                                                 (vo[0].to(dev), vo[1].to(dev)), (ml[0].to(dev), ml[1].to(dev)))
             if self.installed(block) is None:
                 self.install(block, new_attn, new_mlp)
             else:
@@ -117,17 +137,34 @@ class Adapter:
         """Swap already-installed layers for new ones."""
         self.install(block, attn, mlp)
 
+    def set_checkpointing(self, model: nn.Module, enabled: bool = True) -> None:
+        """Activation checkpointing per block: when gradients are on, each block's activations are
+        recomputed in the backward pass instead of stored (non-reentrant, so the mask gradient flows
+        although the weights are frozen). Without gradients (teacher, evaluation) blocks run as usual."""
+        for block in self.blocks(model):
+            if enabled:
+                block.forward = functools.partial(_checkpointed_forward, block)
+            elif "forward" in block.__dict__:
+                del block.forward
+
     def widths(self, model: nn.Module) -> dict[str, int]:
         out = {}
         for i, block in enumerate(self.blocks(model)):
             attn, mlp = self.parts(block)
-            out[f"blocks.{i}.qk"] = attn.qk_dim
-            out[f"blocks.{i}.vo"] = attn.v_dim
-            out[f"blocks.{i}.mlp"] = mlp.fc1.out_features
+            name = self.block_name(i)
+            out[f"{name}.qk"], out[f"{name}.vo"], out[f"{name}.mlp"] = self.block_widths(attn, mlp)
         return out
 
 
-def pair_specs_of(layer: int, attn: MaskedAttention, mlp: MaskedMlp, seq_len: int) -> list[PairSpec]:
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    forward = type(block).forward
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+    return forward(block, *args, **kwargs)
+
+
+def pair_specs_of(layer: int, attn: MaskedAttention, mlp: MaskedMlp, seq_len: int,
+                  prefix: Optional[str] = None) -> list[PairSpec]:
     """Exact per-unit cost of each pair of one block (params, and FLOPs per token at ``seq_len``).
 
     qk unit: one channel in each of H query and H key heads: 2·H·d weights (+ biases); FLOPs per
@@ -135,11 +172,12 @@ def pair_specs_of(layer: int, attn: MaskedAttention, mlp: MaskedMlp, seq_len: in
     H output columns; 2·d·H + 2·H·d_out + 2·N·H FLOPs. mlp unit: a fc1 row (+ bias) and a fc2 column.
     """
     H, d, d_out = attn.num_heads, attn.q.in_features, attn.o.out_features
+    prefix = prefix or f"blocks.{layer}"
     qb = int(attn.q.bias is not None) + int(attn.k.bias is not None)
-    qk = PairSpec(f"blocks.{layer}.qk", "qk", layer, attn.qk_dim, 2 * H * d + qb * H, 4 * d * H + 2 * seq_len * H)
-    vo = PairSpec(f"blocks.{layer}.vo", "vo", layer, attn.v_dim,
+    qk = PairSpec(f"{prefix}.qk", "qk", layer, attn.qk_dim, 2 * H * d + qb * H, 4 * d * H + 2 * seq_len * H)
+    vo = PairSpec(f"{prefix}.vo", "vo", layer, attn.v_dim,
                   H * d + int(attn.v.bias is not None) * H + H * d_out, 2 * d * H + 2 * H * d_out + 2 * seq_len * H)
     d1, d2 = mlp.fc1.in_features, mlp.fc2.out_features
-    ml = PairSpec(f"blocks.{layer}.mlp", "mlp", layer, mlp.fc1.out_features,
+    ml = PairSpec(f"{prefix}.mlp", "mlp", layer, mlp.fc1.out_features,
                   d1 + int(mlp.fc1.bias is not None) + d2, 2 * d1 + 2 * d2)
     return [qk, vo, ml]

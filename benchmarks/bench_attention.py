@@ -1,0 +1,152 @@
+"""Pruned attention: our Triton kernel vs PyTorch SDPA on the same pruned widths, and vs SDPA on
+widths zero-padded up to a size its fast kernels accept (then the output sliced back).
+
+Shapes are pruned heads of DeiT-S (H=6, N=197), DeiT-B (H=12, N=197) and BERT-base (H=12,
+N=128), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}; forward
+(``fwd_ms``) and forward+backward (``fwd_bwd_ms``), median of repeats (CUDA events on GPUs).
+Providers: ``spp_triton`` (spp_kernels.triton.attention.attention, CUDA only: interpreter timings
+on CPU mean nothing), ``sdpa_same`` (F.scaled_dot_product_attention on the pruned widths as they
+are), ``sdpa_padded`` (q, k, v zero-padded to one common width, the next multiple of 8 of
+max(D, Dv) — zero channels change neither q·k nor the kept outputs — padding and slicing timed).
+
+    .venv/bin/python benchmarks/bench_attention.py [--quick] [--dtype bf16|fp16|fp32] [--repeats 20]
+
+Rows (op, provider, dtype, shape, metric, value, device) go to
+benchmarks/results/attention_<cuda|cpu>.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+MODELS = {"deit_s": (6, 197), "deit_b": (12, 197), "bert_base": (12, 128)}  # name -> (heads, tokens)
+WIDTHS = [(64, 64), (40, 52), (23, 37), (13, 64), (64, 17)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sdpa_same(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def sdpa_padded(q, k, v, scale):
+    D, Dv = q.shape[-1], v.shape[-1]
+    w = 8 * math.ceil(max(D, Dv) / 8)
+    q, k, v = F.pad(q, (0, w - D)), F.pad(k, (0, w - D)), F.pad(v, (0, w - Dv))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :Dv]
+
+
+def _time_once_ms(fn, device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def closures(fn, B, H, N, D, Dv, dtype, device):
+    """{metric: callable} for one provider on fresh seeded inputs."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, N, Dv, generator=g).to(device, dtype).requires_grad_()
+    do = torch.randn(B, H, N, Dv, generator=g).to(device, dtype)
+    scale = 1 / math.sqrt(64)  # the original model's scale
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v, scale)
+
+    def fwd_bwd():
+        out = fn(q, k, v, scale)
+        torch.autograd.grad(out, (q, k, v), do)
+
+    return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
+
+
+def measure_side_by_side(providers: dict, B, H, N, D, Dv, dtype, device, repeats, warmup=3) -> dict:
+    """{provider: {metric: median ms}}; providers alternate within every repeat so that machine
+    noise hits them alike (SPEC §6: ratios measured side by side)."""
+    runs = {name: closures(fn, B, H, N, D, Dv, dtype, device) for name, fn in providers.items()}
+    times = {name: {m: [] for m in c} for name, c in runs.items()}
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        for i in range(warmup + repeats):
+            for name, c in runs.items():
+                t = _time_once_ms(c[metric], device)
+                if i >= warmup:
+                    times[name][metric].append(t)
+    return {name: {m: statistics.median(ts) for m, ts in d.items()} for name, d in times.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: batch 4, two models, 5 repeats (< 1 min)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/attention_<device>.csv)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    models = dict(MODELS)
+    batch, repeats = 64, 20
+    if args.quick:
+        batch, repeats = 4, 5
+        models = {m: MODELS[m] for m in ("deit_s", "bert_base")}
+    batch = args.batch or batch
+    repeats = args.repeats or repeats
+
+    providers = {"sdpa_same": sdpa_same, "sdpa_padded": sdpa_padded}
+    if device.type == "cuda":
+        from spp_kernels.triton import attention as tri
+
+        providers = {"spp_triton": tri.attention, **providers}
+    else:
+        print("CPU: skipping the spp_triton rows (only Triton's interpreter runs on CPU; its timings mean "
+              "nothing); SDPA on the pruned widths vs SDPA on padded widths only.")
+
+    dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention_{device.type}.csv")
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    rows = []
+    t_start = time.perf_counter()
+    for model, (H, N) in models.items():
+        for D, Dv in WIDTHS:
+            shape = f"{model} B={batch} H={H} N={N} D={D} Dv={Dv}"
+            res = measure_side_by_side(providers, batch, H, N, D, Dv, dtype, device, repeats)
+            for name in res:
+                for metric, value in res[name].items():
+                    rows.append(("attention", name, dtype_name, shape, metric, f"{value:.4f}", dev_name))
+            base = res["sdpa_same"]
+            for name in res:
+                if name != "sdpa_same":
+                    for metric in base:
+                        rows.append(("attention", f"{name}/sdpa_same", dtype_name, shape, f"{metric}_speedup",
+                                     f"{base[metric] / res[name][metric]:.3f}", dev_name))
+            line = "  ".join(f"{n}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms" for n, r in res.items())
+            print(f"{shape:40s} {line}")
+    with open(out_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("op", "provider", "dtype", "shape", "metric", "value", "device"))
+        w.writerows(rows)
+    print(f"{len(rows)} rows -> {out_path} ({time.perf_counter() - t_start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""Flash attention for pruned widths (SPEC §4 ``attention``): qk width D != v width Dv, widths
+that are not multiples of 8/16, explicit scale, key-padding or causal masks, and (in
+:func:`attention_ragged`) a different width per head.
+
+Forward: one program per (batch·head, block of queries), an online softmax over key blocks with
+running max and sum in fp32; it saves the row log-sum-exp (``+inf`` for a row with no key, so
+that every recomputed probability of that row is 0). Backward: ``delta = rowsum(dO ⊙ O)``
+(preprocess kernel), then one kernel for dk/dv (a program per key block, looping over queries)
+and one for dq (a program per query block, looping over keys) — no atomics. Widths are padded
+to powers of two (>= 16, the smallest ``tl.dot`` tile) with masked loads; all accumulation is fp32.
+
+The kernels are wrapped as custom ops ``spp_triton::attention_fwd`` (returns out and lse) and
+``spp_triton::attention_bwd`` with fake implementations and ``register_autograd``, so they pass
+``torch.library.opcheck`` and stay opaque single nodes under ``torch.compile``.
+
+Under ``TRITON_INTERPRET=1`` ``tl.dot`` on fp16/bf16 tiles is wrong, so the kernels cast tiles to
+fp32 there (constexpr ``F32_DOT``); fp32 dots always use ``input_precision="ieee"`` (the GPU default
+would be TF32).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import dispatch, reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key j exists, is not padding, and is not in the causal future."""
+    ok = (offs_m[:, None] >= 0) & (offs_n[None, :] < M)
+    if HAS_MASK:
+        km = tl.load(mask_ptr + b.to(tl.int64) * M + offs_n, mask=offs_n < M, other=0)
+        ok = ok & (km[None, :] != 0)
+    if IS_CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
+    return ok
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, qkw_ptr, vw_ptr,
+    H, N, M, D, DV, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_lim = D
+    dv_lim = DV
+    if RAGGED:  # channels beyond this head's width read as zero
+        h = bh % H
+        d_lim = tl.minimum(tl.load(qkw_ptr + h), D)
+        dv_lim = tl.minimum(tl.load(vw_ptr + h), DV)
+    dmask = offs_d < d_lim
+    dvmask = offs_dv < dv_lim
+
+    q = tl.load(q_ptr + bh * N * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < N) & dmask[None, :], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    hi = M
+    if IS_CAUSAL:  # keys beyond the last query's diagonal are never attended
+        hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < M
+        k = tl.load(k_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0)
+        if F32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), IEEE) * scale
+        ok = _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK, IS_CAUSAL)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: no NaN
+        alpha = tl.exp(m_i - m_sub)
+        p = tl.exp(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc += _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+    omask = offs_m < N
+    tl.store(o_ptr + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=omask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(lse_ptr + bh * N + offs_m, lse, mask=omask)
+
+
+@triton.jit
+def _attn_bwd_preprocess(o_ptr, do_ptr, delta_ptr, R, DV, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta[r] = sum_c dO[r, c] * O[r, c] in fp32, rows r of the flattened (B·H·N, Dv)."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_DV)
+    msk = (offs_r[:, None] < R) & (offs_c[None, :] < DV)
+    o = tl.load(o_ptr + offs_r[:, None] * DV + offs_c[None, :], mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs_r[:, None] * DV + offs_c[None, :], mask=msk, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + offs_r, tl.sum(o * do, 1), mask=offs_r < R)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, qkw_ptr, vw_ptr,
+    H, N, M, D, DV, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    b = bh // H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_lim = D
+    dv_lim = DV
+    if RAGGED:
+        h = bh % H
+        d_lim = tl.minimum(tl.load(qkw_ptr + h), D)
+        dv_lim = tl.minimum(tl.load(vw_ptr + h), DV)
+    dmask = offs_d < d_lim
+    dvmask = offs_dv < dv_lim
+    nmask = offs_n < M
+
+    k = tl.load(k_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
+                mask=nmask[:, None] & dmask[None, :], other=0.0)
+    v = tl.load(v_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],
+                mask=nmask[:, None] & dvmask[None, :], other=0.0)
+    if F32_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:  # queries before this key block's diagonal never attend to it
+        lo = tl.maximum(0, pid_n * BLOCK_N - (M - N))
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mmask = offs_m < N
+        q = tl.load(q_ptr + bh * N * D + offs_m[:, None] * D + offs_d[None, :],
+                    mask=mmask[:, None] & dmask[None, :], other=0.0)
+        do = tl.load(do_ptr + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                     mask=mmask[:, None] & dvmask[None, :], other=0.0)
+        if F32_DOT:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + bh * N + offs_m, mask=mmask, other=float("inf"))
+        delta = tl.load(delta_ptr + bh * N + offs_m, mask=mmask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * scale
+        ok = _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK, IS_CAUSAL)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no key): p = 0
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk = dk * scale
+    tl.store(dk_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=nmask[:, None] & (offs_d[None, :] < D))
+    tl.store(dv_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, qkw_ptr, vw_ptr,
+    H, N, M, D, DV, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_lim = D
+    dv_lim = DV
+    if RAGGED:
+        h = bh % H
+        d_lim = tl.minimum(tl.load(qkw_ptr + h), D)
+        dv_lim = tl.minimum(tl.load(vw_ptr + h), DV)
+    dmask = offs_d < d_lim
+    dvmask = offs_dv < dv_lim
+    mmask = offs_m < N
+
+    q = tl.load(q_ptr + bh * N * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    do = tl.load(do_ptr + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                 mask=mmask[:, None] & dvmask[None, :], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mmask, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * N + offs_m, mask=mmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = M
+    if IS_CAUSAL:
+        hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < M
+        k = tl.load(k_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0)
+        if F32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), IEEE) * scale
+        ok = _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK, IS_CAUSAL)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq = dq * scale
+    tl.store(dq_ptr + bh * N * D + offs_m[:, None] * D + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=mmask[:, None] & (offs_d[None, :] < D))
+
+
+def _blocks(D: int, Dv: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV): widths padded to powers of two >= 16 (``tl.dot``'s
+    smallest tile); token blocks smaller for wide heads so the tiles fit in shared memory."""
+    bd, bdv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    if INTERPRET:
+        return 32, 32, bd, bdv  # few big blocks: the interpreter's cost is per program
+    widest = max(bd, bdv)
+    if backward:
+        bm = 64 if widest <= 64 else (32 if widest <= 128 else 16)
+    else:
+        bm = 128 if widest <= 64 else (64 if widest <= 128 else 32)
+    return bm, (64 if widest <= 128 else 32), bd, bdv
+
+
+def _meta(q, attn_mask, is_causal, widths):
+    ragged = widths is not None
+    return dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), RAGGED=ragged,
+                F32_DOT=INTERPRET, IEEE=q.dtype == torch.float32)
+
+
+def _forward(q, k, v, scale, attn_mask, is_causal, widths):
+    B, H, N, D = q.shape
+    M, Dv = k.shape[2], v.shape[3]
+    o = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        return o, lse
+    mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
+    qkw, vw = widths if widths is not None else (q, q)
+    bm, bn, bd, bdv = _blocks(D, Dv, backward=False)
+    grid = (B * H, triton.cdiv(N, bm))
+    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, qkw, vw, H, N, M, D, Dv, float(scale),
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
+                           **_meta(q, attn_mask, is_causal, widths))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths):
+    B, H, N, D = q.shape
+    M, Dv = k.shape[2], v.shape[3]
+    do = do.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B * H * N == 0 or M == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    R = B * H * N
+    br = 32
+    _attn_bwd_preprocess[(triton.cdiv(R, br),)](o, do, delta, R, Dv, BLOCK_R=br,
+                                                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
+    mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
+    qkw, vw = widths if widths is not None else (q, q)
+    bm, bn, bd, bdv = _blocks(D, Dv, backward=True)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **_meta(q, attn_mask, is_causal, widths))
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, qkw, vw,
+                                                       H, N, M, D, Dv, float(scale), **meta)
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](q, k, v, do, lse, delta, dq, mask_t, qkw, vw,
+                                                     H, N, M, D, Dv, float(scale), **meta)
+    return dq, dk, dv
+
+
+# Custom ops (namespace ``spp_triton``) so the kernel is an opaque torch op: fake (meta)
+# implementations for torch.compile / export, autograd through register_autograd.
+@torch.library.custom_op("spp_triton::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  attn_mask: Optional[torch.Tensor], is_causal: bool, qk_widths: Optional[torch.Tensor],
+                  v_widths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, N, Dv) in q's dtype, lse (B, H, N) fp32); q, k, v contiguous, validated."""
+    widths = None if qk_widths is None else (qk_widths, v_widths)
+    return _forward(q, k, v, scale, attn_mask, is_causal, widths)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths):
+    B, H, N, _ = q.shape
+    return (q.new_empty(B, H, N, v.shape[3]), q.new_empty(B, H, N, dtype=torch.float32))
+
+
+@torch.library.custom_op("spp_triton::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, scale: float, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                  qk_widths: Optional[torch.Tensor], v_widths: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the saved out and lse of :func:`attention_fwd`."""
+    widths = None if qk_widths is None else (qk_widths, v_widths)
+    return _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, scale, attn_mask, is_causal, qk_widths, v_widths):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale, ctx.attn_mask, ctx.is_causal, ctx.widths = scale, attn_mask, is_causal, (qk_widths, v_widths)
+
+
+def _backward_rule(ctx, do, dlse):  # lse is an auxiliary output: its gradient is ignored
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.attn_mask, ctx.is_causal, *ctx.widths)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    """Triton flash attention with the semantics of :func:`spp_kernels.reference.attention`.
+
+    q: (B, H, N, D); k: (B, H, M, D); v: (B, H, M, Dv) (fp32/fp16/bf16, any widths, D != Dv
+    allowed); scale: explicit; attn_mask: (B, M) bool key padding (True = attend) or None;
+    is_causal: query i attends keys j <= i + (M - N). Returns (B, H, N, Dv) in q's dtype;
+    differentiable w.r.t. q, k, v. Rows with no key to attend give 0 and 0 gradients."""
+    reference.check_attention(q, k, v, scale, attn_mask, is_causal)
+    _check_device(q)
+    return attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale),
+                         attn_mask, is_causal, None, None)[0]
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"q must be a CUDA tensor for the Triton attention kernel, got {q.device.type} "
+                         "(on CPU set TRITON_INTERPRET=1 before importing triton, or use spp_kernels.attention)")
+
+
+def _check_widths(name: str, w, H: int, limit: int, device) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor of shape (heads,), got {type(w).__name__}"
+                        + (f" {w.dtype}" if isinstance(w, torch.Tensor) else ""))
+    if w.shape != (H,):
+        raise ValueError(f"{name} must have shape (heads,) = ({H},), got {tuple(w.shape)}")
+    if w.numel() and (int(w.min()) < 0 or int(w.max()) > limit):
+        raise ValueError(f"{name} must lie in [0, {limit}], got min {int(w.min())}, max {int(w.max())}")
+    return w.to(device=device, dtype=torch.int32).contiguous()
+
+
+def attention_ragged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     qk_widths: torch.Tensor, v_widths: torch.Tensor,
+                     attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    """:func:`attention` with a width per head (per-head pruning): head h uses only its first
+    ``qk_widths[h]`` q/k channels and ``v_widths[h]`` v channels; the channels beyond are read as
+    zero (so they get zero output and zero gradient). q, k, v are padded to the widest head.
+
+    qk_widths, v_widths: int32/int64 (H,) with 0 <= width <= D (resp. Dv)."""
+    reference.check_attention(q, k, v, scale, attn_mask, is_causal)
+    _check_device(q)
+    H = q.shape[1]
+    qkw = _check_widths("qk_widths", qk_widths, H, q.shape[3], q.device)
+    vw = _check_widths("v_widths", v_widths, H, v.shape[3], q.device)
+    return attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale),
+                         attn_mask, is_causal, qkw, vw)[0]
+
+
+def sdpa_is_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                 is_causal: bool) -> bool:
+    """Whether PyTorch SDPA's fast (flash / memory-efficient) CUDA kernels accept these shapes:
+    fp16/bf16, equal qk and v widths, a width that is a multiple of 8 and at most 256, and no
+    key-padding mask (a boolean mask sends flash to the slower paths, and rows with no key would
+    need fixing up afterwards). ``is_causal`` with N == M is fine; causal with N != M is not
+    (SDPA aligns its diagonal top-left, the reference bottom-right)."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if D != Dv or D % 8 != 0 or D > 256:
+        return False
+    if attn_mask is not None:
+        return False
+    if is_causal and q.shape[2] != k.shape[2]:
+        return False
+    return True
+
+
+def dispatch_attention(q, k, v, scale, attn_mask=None, is_causal=False):
+    """The ``triton`` backend of ``spp_kernels.attention``: SDPA where its fast kernels take the
+    shapes (on CUDA), our kernel elsewhere (and always on CPU, where only the interpreter runs)."""
+    reference.check_attention(q, k, v, scale, attn_mask, is_causal)
+    if q.device.type == "cuda" and sdpa_is_fast(q, k, v, attn_mask, is_causal):
+        return reference.sdpa_attention(q, k, v, scale, attn_mask, is_causal)
+    return attention(q, k, v, scale, attn_mask, is_causal)
+
+
+dispatch.register("attention", "triton", dispatch_attention, devices=("cuda",),
+                  forced_devices=("cpu",) if INTERPRET else ())

@@ -1,0 +1,354 @@
+"""The Triton attention kernel (spp_kernels/triton/attention.py) against the float64 oracle:
+pruned widths (D != Dv, odd widths), fp32/fp16/bf16, no mask / key padding / causal, forward
+and backward (dq, dk, dv), rows with no key, non-contiguous inputs, per-head (ragged) widths,
+the SDPA-or-ours predicate and the dispatcher's SPP_BACKEND=triton route. On CPU the kernels run
+under TRITON_INTERPRET=1 (set before triton is imported)."""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import spp_kernels  # noqa: E402
+from spp_kernels import dispatch, reference  # noqa: E402
+from spp_kernels.triton import attention as tri  # noqa: E402
+from oracles import oracle_attention  # noqa: E402
+from tolerances import DTYPE_IDS, DTYPES, assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not tri.INTERPRET:
+    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+
+SHAPES = [  # (B, H, N, D_qk, D_v)
+    (1, 1, 1, 1, 1),
+    (2, 3, 7, 5, 9),
+    (1, 2, 33, 40, 13),
+    (1, 2, 65, 52, 64),
+]
+MASKS = ["none", "padding", "causal"]
+
+
+def inputs(shape, dtype, seed=0, M=None):
+    B, H, N, D, Dv = shape
+    M = N if M is None else M
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g).to(dtype)
+    k = torch.randn(B, H, M, D, generator=g).to(dtype)
+    v = torch.randn(B, H, M, Dv, generator=g).to(dtype)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def mask_args(kind, B, M, seed=1):
+    """(attn_mask, is_causal); the padding mask keeps all keys of batch 0 and >= 1 of the others."""
+    if kind == "causal":
+        return None, True
+    if kind == "padding":
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, M + 1, (B,), generator=g)
+        lengths[0] = M
+        return (torch.arange(M)[None, :] < lengths[:, None]).to(DEVICE), False
+    return None, False
+
+
+def attention64(q, k, v, scale, attn_mask=None, is_causal=False):
+    """reference.attention's formula in float64 (the reference itself accepts fp32/16/bf16 only),
+    differentiable: the oracle of the gradients."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    N, M = q.shape[2], k.shape[2]
+    allowed = None
+    if attn_mask is not None:
+        allowed = attn_mask[:, None, None, :]
+    if is_causal:
+        allowed = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return torch.matmul(p, v)
+
+
+def grads64(q, k, v, do, scale, attn_mask, is_causal):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention64(q64, k64, v64, scale, attn_mask, is_causal)
+    return out, torch.autograd.grad(out, (q64, k64, v64), do.double())
+
+
+def check_forward_backward(q, k, v, scale, attn_mask, is_causal, dtype, fn=tri.attention, msg=""):
+    N, M, D, Dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(qg, kg, vg, scale, attn_mask, is_causal)
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], Dv)
+    g = torch.Generator().manual_seed(7)
+    do = torch.randn(out.shape, generator=g).to(dtype).to(out.device)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), do)
+    ref, (rdq, rdk, rdv) = grads64(q, k, v, do, scale, attn_mask, is_causal)
+    assert_close(out.cpu(), ref.cpu(), dtype, M, msg=f"{msg} out")
+    assert_close(dv.cpu(), rdv.cpu(), dtype, N, msg=f"{msg} dv")
+    assert_close(dq.cpu(), rdq.cpu(), dtype, M, msg=f"{msg} dq")
+    assert_close(dk.cpu(), rdk.cpu(), dtype, N, msg=f"{msg} dk")
+    return out
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_matches_oracle(shape, dtype, mask):
+    q, k, v = inputs(shape, dtype)
+    attn_mask, is_causal = mask_args(mask, shape[0], shape[2])
+    scale = 1 / math.sqrt(64)  # an original model's scale, not the pruned width's
+    out = tri.attention(q, k, v, scale, attn_mask, is_causal)
+    ref = oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale, None if attn_mask is None else attn_mask.cpu(), is_causal)
+    assert out.dtype == dtype
+    assert_close(out.cpu(), ref, dtype, shape[2], msg=f"{shape} {mask}")
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_backward_matches_float64_autograd(shape, dtype, mask):
+    q, k, v = inputs(shape, dtype, seed=3)
+    attn_mask, is_causal = mask_args(mask, shape[0], shape[2])
+    check_forward_backward(q, k, v, 0.125, attn_mask, is_causal, dtype, msg=f"{shape} {mask}")
+
+
+def test_float64_oracle_of_gradients_is_the_reference():
+    """attention64 (the gradients' oracle) computes reference.attention's function."""
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    for kind in MASKS:
+        attn_mask, is_causal = mask_args(kind, 2, 7)
+        ref = reference.attention(q, k, v, 0.3, attn_mask, is_causal)
+        assert_close(ref, attention64(q.double(), k.double(), v.double(), 0.3, attn_mask, is_causal),
+                     torch.float32, 7, msg=kind)
+
+
+@pytest.mark.parametrize("N,M", [(5, 40), (40, 5), (33, 64)])
+@pytest.mark.parametrize("kind", ["none", "padding", "causal"])
+def test_queries_and_keys_of_different_lengths(N, M, kind):
+    """N != M: causal aligns the diagonal bottom-right (query i sees keys j <= i + M - N); with
+    N > M the first queries see no key and get 0 and 0 gradients."""
+    q, k, v = inputs((2, 2, N, 12, 7), torch.float32, M=M)
+    attn_mask, is_causal = mask_args(kind, 2, M)
+    out = check_forward_backward(q, k, v, 0.2, attn_mask, is_causal, torch.float32, msg=f"N={N} M={M} {kind}")
+    if is_causal and N > M:
+        assert torch.all(out[:, :, : N - M] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_fully_masked_rows_give_zero_output_and_zero_grads(dtype):
+    q, k, v = inputs((3, 2, 9, 6, 11), dtype)
+    attn_mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
+    attn_mask[1] = False  # batch 1 attends to nothing
+    attn_mask[2, 4:] = False
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention(qg, kg, vg, 0.5, attn_mask)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    assert torch.isfinite(out).all() and torch.all(out[1] == 0)
+    assert torch.all(dq[1] == 0) and torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
+    assert torch.all(dk[2, :, 4:] == 0) and torch.all(dv[2, :, 4:] == 0)  # padding keys: no gradient
+    check_forward_backward(q, k, v, 0.5, attn_mask, False, dtype, msg="fully masked")
+
+
+def test_non_contiguous_inputs():
+    """(B, N, H, D) layouts transposed to (B, H, N, D), as attention layers produce them."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 7, 3, 5, generator=g).to(DEVICE).transpose(1, 2)
+    k = torch.randn(2, 7, 3, 5, generator=g).to(DEVICE).transpose(1, 2)
+    v = torch.randn(2, 3, 9, 7, generator=g).to(DEVICE).transpose(2, 3)  # (2, 3, 7, 9), stride-permuted
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    attn_mask, _ = mask_args("padding", 2, 7)
+    check_forward_backward(q, k, v, 0.4, attn_mask, False, torch.float32, msg="non-contiguous")
+
+
+def test_scale_is_explicit():
+    q, k, v = inputs((1, 2, 7, 5, 9), torch.float32)
+    a = tri.attention(q, k, v, 1.0)
+    b = tri.attention(q, k, v, 1 / math.sqrt(5))
+    assert not torch.allclose(a, b)
+    assert_close(a.cpu(), oracle_attention(q.cpu(), k.cpu(), v.cpu(), 1.0), torch.float32, 7)
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = inputs((1, 2, 4, 5, 6), torch.float32)
+    with pytest.raises(ValueError, match="k's width"):
+        tri.attention(q, k[..., :4], v, 0.5)
+    with pytest.raises(TypeError, match="dtype"):
+        tri.attention(q, k.half(), v, 0.5)
+    with pytest.raises(ValueError, match="scale"):
+        tri.attention(q, k, v, -1.0)
+    with pytest.raises(ValueError, match="attn_mask"):
+        tri.attention(q, k, v, 0.5, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="qk_widths"):
+        tri.attention_ragged(q, k, v, 0.5, torch.tensor([5, 6]), torch.tensor([6, 6]))
+    with pytest.raises(TypeError, match="v_widths"):
+        tri.attention_ragged(q, k, v, 0.5, torch.tensor([5, 5]), torch.tensor([6.0, 6.0]))
+
+
+def ragged_reference(q, k, v, scale, qk_widths, v_widths, attn_mask=None, is_causal=False):
+    """Per-head widths: head h keeps q/k channels < qk_widths[h] and v channels < v_widths[h]
+    (the rest read as zero), float64."""
+    D, Dv = q.shape[3], v.shape[3]
+    mq = (torch.arange(D)[None, :] < qk_widths.cpu()[:, None]).to(q.device)[None, :, None, :]
+    mv = (torch.arange(Dv)[None, :] < v_widths.cpu()[:, None]).to(q.device)[None, :, None, :]
+    return attention64(q * mq, k * mq, v * mv, scale, attn_mask, is_causal)
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_ragged_per_head_widths(dtype, kind):
+    B, H, N, D, Dv = 2, 4, 19, 13, 10
+    q, k, v = inputs((B, H, N, D, Dv), dtype, seed=11)
+    qkw, vw = torch.tensor([13, 5, 0, 8]), torch.tensor([3, 10, 7, 0])
+    attn_mask, is_causal = mask_args(kind, B, N)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention_ragged(qg, kg, vg, 0.3, qkw, vw, attn_mask, is_causal)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(out.device)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ragged_reference(q64, k64, v64, 0.3, qkw, vw, attn_mask, is_causal)
+    rdq, rdk, rdv = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    assert_close(out.cpu(), ref.cpu(), dtype, N, msg="ragged out")
+    assert_close(dv.cpu(), rdv.cpu(), dtype, N, msg="ragged dv")
+    assert_close(dq.cpu(), rdq.cpu(), dtype, N, msg="ragged dq")
+    assert_close(dk.cpu(), rdk.cpu(), dtype, N, msg="ragged dk")
+    # channels beyond a head's width: zero output, zero gradient
+    for h in range(H):
+        assert torch.all(out[:, h, :, vw[h]:] == 0)
+        assert torch.all(dq[:, h, :, qkw[h]:] == 0) and torch.all(dk[:, h, :, qkw[h]:] == 0)
+        assert torch.all(dv[:, h, :, vw[h]:] == 0)
+
+
+def test_ragged_with_full_widths_equals_attention():
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    full = tri.attention_ragged(q, k, v, 0.3, torch.full((3,), 5), torch.full((3,), 9))
+    assert torch.equal(full, tri.attention(q, k, v, 0.3))
+
+
+def meta(shape, dtype, device="meta"):
+    B, H, N, D, Dv = shape
+    return (torch.empty(B, H, N, D, dtype=dtype, device=device), torch.empty(B, H, N, D, dtype=dtype, device=device),
+            torch.empty(B, H, N, Dv, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("shape,dtype,mask,causal,fast", [
+    ((2, 12, 128, 64, 64), torch.bfloat16, None, False, True),
+    ((2, 12, 128, 64, 64), torch.float16, None, True, True),
+    ((2, 12, 128, 256, 256), torch.bfloat16, None, False, True),
+    ((2, 12, 128, 64, 64), torch.float32, None, False, False),  # fp32: SDPA's flash refuses
+    ((2, 12, 128, 40, 52), torch.bfloat16, None, False, False),  # D != Dv
+    ((2, 12, 128, 23, 23), torch.bfloat16, None, False, False),  # not a multiple of 8
+    ((2, 12, 128, 264, 264), torch.bfloat16, None, False, False),  # > 256
+    ((2, 12, 128, 64, 64), torch.bfloat16, "padding", False, False),  # bool mask
+])
+def test_sdpa_is_fast(shape, dtype, mask, causal, fast):
+    q, k, v = meta(shape, dtype)
+    attn_mask = torch.ones(shape[0], shape[2], dtype=torch.bool, device="meta") if mask else None
+    assert tri.sdpa_is_fast(q, k, v, attn_mask, causal) is fast
+
+
+def test_sdpa_is_fast_refuses_causal_with_different_lengths():
+    q = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16, device="meta")
+    kv = torch.empty(1, 2, 16, 64, dtype=torch.bfloat16, device="meta")
+    assert tri.sdpa_is_fast(q, kv, kv, None, True) is False
+    assert tri.sdpa_is_fast(q, kv, kv, None, False) is True
+
+
+def test_spp_backend_triton_serves_cpu_attention_with_the_kernel(monkeypatch):
+    """SPP_BACKEND=triton sends CPU tensors to this kernel (the interpreter, forced_devices);
+    without it CPU attention stays on torch."""
+    if DEVICE != "cpu":
+        pytest.skip("the forced CPU route is for the interpreter")
+    calls = []
+    real = tri.attention
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tri, "attention", spy)
+    q, k, v = inputs((1, 2, 7, 5, 9), torch.float32)
+    monkeypatch.setenv("SPP_BACKEND", "triton")
+    assert dispatch.choose("attention", "cpu") == ("triton", "forced by SPP_BACKEND")
+    out = spp_kernels.attention(q, k, v, 0.3)
+    assert calls == [1]
+    assert_close(out, oracle_attention(q, k, v, 0.3), torch.float32, 7)
+    monkeypatch.delenv("SPP_BACKEND")
+    assert dispatch.choose("attention", "cpu")[0] == "torch"
+    spp_kernels.attention(q, k, v, 0.3)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the SDPA route is taken on CUDA only")
+def test_dispatch_routes_fast_shapes_to_sdpa_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tri, "attention", lambda *a, **kw: calls.append(1))
+    q, k, v = meta((1, 2, 16, 64, 64), torch.bfloat16, device="cuda")
+    tri.dispatch_attention(q, k, v, 0.125)
+    assert calls == []
+    q, k, v = meta((1, 2, 16, 40, 52), torch.bfloat16, device="cuda")
+    tri.dispatch_attention(q, k, v, 0.125)
+    assert calls == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", [(2, 3, 197, 64, 17), (1, 2, 130, 13, 64), (1, 1, 97, 384, 23), (2, 2, 64, 23, 37)], ids=str)
+def test_sweep_larger_shapes(shape, dtype, mask):
+    q, k, v = inputs(shape, dtype, seed=21)
+    attn_mask, is_causal = mask_args(mask, shape[0], shape[2])
+    check_forward_backward(q, k, v, 1 / math.sqrt(64), attn_mask, is_causal, dtype, msg=f"{shape} {mask}")
+
+
+@pytest.mark.parametrize("N,M", [(0, 5), (4, 0)])
+def test_empty_token_counts(N, M):
+    """No queries: empty output; no keys: every row attends to nothing, zeros and zero grads."""
+    q, k, v = inputs((2, 3, N, 5, 6), torch.float32, M=M)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention(qg, kg, vg, 0.5)
+    assert out.shape == (2, 3, N, 6) and torch.all(out == 0)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert torch.all(dq == 0) and torch.all(dk == 0) and torch.all(dv == 0)
+
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("kind", ["none", "padding", "causal", "ragged"])
+def test_opcheck(kind):
+    """torch.library.opcheck on the forward op (schema, fake tensor, autograd registration,
+    aot dispatch) and on the backward op."""
+    q, k, v = inputs((2, 2, 7, 5, 9), torch.float32)
+    attn_mask, is_causal = mask_args("padding" if kind == "padding" else "none", 2, 7)
+    is_causal = kind == "causal"
+    qkw, vw = (torch.tensor([5, 3], dtype=torch.int32), torch.tensor([2, 9], dtype=torch.int32)) if kind == "ragged" \
+        else (None, None)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    res = torch.library.opcheck(tri.attention_fwd, (q, k, v, 0.3, attn_mask, is_causal, qkw, vw))
+    assert res == dict.fromkeys(OPCHECK_UTILS, "SUCCESS")
+    o, lse = tri.attention_fwd(q, k, v, 0.3, attn_mask, is_causal, qkw, vw)
+    do = torch.randn_like(o)
+    res = torch.library.opcheck(tri.attention_bwd, (do, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(),
+                                                    0.3, attn_mask, is_causal, qkw, vw))
+    assert res == dict.fromkeys(OPCHECK_UTILS, "SUCCESS")
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    attn_mask, _ = mask_args("padding", 2, 7)
+
+    def loss(q, k, v):
+        return (tri.attention(q, k, v, 0.3, attn_mask) ** 2).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    eager_args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    gc = torch.autograd.grad(compiled(*args), args)
+    ge = torch.autograd.grad(loss(*eager_args), eager_args)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -211,13 +211,16 @@ def inclusion_step(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count,
     """The ext backend of :func:`reference.inclusion_step`: one fused pass, in place."""
     reference.check_inclusion_arenas(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count)
     reference.check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer)
-    for name, t in (("m", m), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("z", z),
-                    ("gamma", gamma), ("entry", entry), ("support_count", support_count)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (a flat arena)")
+    state = [m, exp_avg, exp_avg_sq, z, gamma, entry, support_count]
+    # the kernel walks flat arenas; strided views (never the search's own arenas) run on contiguous
+    # copies that are written back through the views afterwards
+    work = [t if t.is_contiguous() else t.contiguous() for t in state]
     s = reference.inclusion_scalars(step, lr, beta1, beta2, kappa, optimizer)
     with torch.no_grad():
-        ops.inclusion_step(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count, int(step), float(lr),
+        ops.inclusion_step(work[0], grad.contiguous(), *work[1:], int(step), float(lr),
                            float(beta1), float(beta2), float(eps), float(weight_decay), float(kappa), float(lam),
                            float(nu), s["step_size"], s["inv_sqrt_bc2"], s["rho"], mode, optimizer, bool(record),
                            bool(check_finite))
+        for t, w in zip(state, work):
+            if w is not t:
+                t.copy_(w)

@@ -294,7 +294,7 @@ CLI_CASES = [
             lambda d, t: ["prune", "--path", str(d / "done"), "--out", str(t / "m"), "--keep", "0.5"],  # on MiniLM
             r"masks read off .*done/path\.json were made for a model with other pairs", out="m"),
     CliCase("prune without a target", lambda d, t: ["prune", "--path", "p", "--out", "o"],
-            "one of the arguments --keep --params --flops is required"),
+            "one of the arguments --keep --params --flops --latency is required"),
     CliCase("unknown command", lambda d, t: ["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
 

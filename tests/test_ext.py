@@ -118,9 +118,21 @@ def test_inclusion_step_rejects_bad_arguments():
         ext().inclusion_step(*(A[k] for k in ARENAS), 1, mode="abs")
     with pytest.raises(ValueError, match="step"):
         ext().inclusion_step(*(A[k] for k in ARENAS), 0)
-    strided = torch.ones(20)[::2]
-    with pytest.raises(ValueError, match="contiguous"):
-        ext().inclusion_step(strided, *(A[k] for k in ARENAS[1:]), 1)
+
+
+@needs_ext
+def test_inclusion_step_updates_strided_views_in_place():
+    """Strided arenas run on contiguous copies and are written back through the views."""
+    A, B = arenas(37, seed=3), arenas(37, seed=3)
+    big = {k: torch.zeros(74, dtype=v.dtype) for k, v in A.items()}
+    for k, v in A.items():
+        big[k][1::2] = v
+    views = {k: big[k][1::2] for k in ARENAS}
+    ext().inclusion_step(*(views[k] for k in ARENAS), 4, record=True, lam=0.5)
+    R.inclusion_step(*(B[k] for k in ARENAS), 4, record=True, lam=0.5)
+    for k in ARENAS:
+        torch.testing.assert_close(views[k], B[k], rtol=1e-6, atol=1e-7, msg=k)
+        assert torch.equal(big[k][0::2], torch.zeros(37, dtype=big[k].dtype)), k  # untouched between
 
 
 # ============================================================================ GEMM ops

@@ -6,6 +6,17 @@ default suite is deterministic and fast. ``slow`` (``SPP_HYPOTHESIS_PROFILE=slow
 
 ``bert_dir``: a tiny BERT saved as a Hugging Face folder, with the CLI's inputs around it.
 """
+# Triton runs on CPU only under its interpreter, which must be chosen before triton is imported
+# (spp_kernels imports it): set it here, first, when no CUDA device is available.
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+# prune's default rounding is 8 units on machines with CUDA, 1 elsewhere: the tests expect 1
+_os.environ.setdefault("SPP_ROUND_TO", "1")
+
 import os
 import warnings
 

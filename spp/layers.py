@@ -89,16 +89,53 @@ class MaskedAttention(nn.Module):
         q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, H, self.qk_dim).transpose(1, 2)
         k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0,
-            is_causal=is_causal, scale=self.scale,
-        )
+        ctx = self._attend(q, k, v, attn_mask, is_causal)
         ctx = ctx.transpose(1, 2).reshape(B, N, H * self.v_dim)
         return self.out_drop(self.o(ctx))
+
+    def _attend(self, q, k, v, attn_mask, is_causal):
+        """The attention core. Without dropout and with no mask or a key-padding one it is the
+        dispatcher's ``attention`` op (any qk / v widths); other masks (additive biases, per-query
+        masks) and attention dropout go to SDPA, with CPU widths padded for its flash kernel."""
+        drop = self.attn_drop if self.training else 0.0
+        if drop == 0.0:
+            keys = key_padding(attn_mask, q.shape[0], k.shape[2])
+            if keys is not False:
+                return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
+        Dv = v.shape[-1]
+        q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal,
+                                              scale=self.scale)[..., :Dv]
 
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
+
+
+def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int):
+    """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``:
+    None stays None; a bool mask, or (on CPU) an additive one of only 0 and "minus infinity"
+    (≤ half the dtype's lowest value, as Hugging Face builds them), broadcast over heads and
+    queries becomes keys-to-attend. Anything else — per-head or per-query masks, real-valued
+    biases, or an additive mask on an accelerator (reading its values would synchronise) — gives
+    False: the caller keeps it for SDPA."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+        m = m[:, 0, 0, :]
+    elif m.dim() == 3 and m.shape[1] == 1:
+        m = m[:, 0, :]
+    if m.dim() != 2 or m.shape[-1] != keys or m.shape[0] not in (1, batch):
+        return False
+    if m.dtype == torch.bool:
+        return m.expand(batch, keys)
+    if not m.is_floating_point() or m.device.type != "cpu":
+        return False
+    low = m <= torch.finfo(m.dtype).min / 2
+    if not bool(((m == 0) | low).all()):
+        return False
+    return (~low).expand(batch, keys)
 
 
 class MaskedMlp(nn.Module):

@@ -334,6 +334,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
+def pad_for_cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Zero-pad unequal qk / v head widths to the larger one on CPUs, where SDPA's flash kernel
+    needs equal widths and the math path it otherwise falls back to is ~2x slower than flash at the
+    larger width. Zero channels change neither q·kᵀ nor the first ``Dv`` output channels (slice
+    them back). Nothing is padded on other devices, for equal widths, or when the flash kernel
+    is switched off (``sdpa_kernel(MATH)``: padding would only add work there)."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D == Dv or q.device.type != "cpu" or not torch.backends.cuda.flash_sdp_enabled():
+        return q, k, v
+    w = max(D, Dv)
+    return F.pad(q, (0, w - D)), F.pad(k, (0, w - D)), F.pad(v, (0, w - Dv))
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
     """The torch backend of :func:`attention`: PyTorch's SDPA (its fast kernels where they accept
@@ -341,12 +354,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     one, which keeps the flash kernel), with rows that attend to no key set to 0 as in the reference."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
-    D, Dv = q.shape[-1], v.shape[-1]
-    if D != Dv and q.device.type == "cpu":
-        # the CPU flash kernel needs equal widths, and the math path it falls back to is ~2x slower
-        # than flash at the larger width: zero channels change neither q·k nor the kept outputs
-        w = max(D, Dv)
-        q, k, v = F.pad(q, (0, w - D)), F.pad(k, (0, w - D)), F.pad(v, (0, w - Dv))
+    Dv = v.shape[-1]
+    q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]
     if attn_mask is not None:
         out = out.masked_fill(~attn_mask.any(-1)[:, None, None, None], 0.0)

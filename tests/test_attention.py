@@ -83,3 +83,55 @@ def test_bad_arguments_name_the_argument(bad, match):
     for fn in (reference.attention, reference.sdpa_attention):
         with pytest.raises((ValueError, TypeError), match=match):
             fn(*bad(q, k, v))
+
+
+# ============================================================================ the layers' attention core
+def test_key_padding_reads_hugging_face_and_bool_masks():
+    from spp.layers import key_padding
+
+    keep = torch.tensor([[True, True, False, True, False], [True, False, True, True, True]])
+    low = torch.finfo(torch.float32).min
+    additive = torch.zeros(2, 1, 1, 5).masked_fill(~keep[:, None, None, :], low)
+    assert key_padding(None, 2, 5) is None
+    assert torch.equal(key_padding(keep[:, None, None, :], 2, 5), keep)
+    assert torch.equal(key_padding(additive, 2, 5), keep)
+    assert torch.equal(key_padding(torch.zeros(1, 1, 1, 5), 2, 5), torch.ones(2, 5, dtype=torch.bool))  # broadcast
+    inf = torch.zeros(2, 1, 1, 5).masked_fill(~keep[:, None, None, :], float("-inf"))
+    assert torch.equal(key_padding(inf, 2, 5), keep)
+    # what a key-padding mask cannot express stays with SDPA
+    assert key_padding(additive.expand(2, 1, 3, 5).clone(), 2, 5) is False  # per-query rows
+    assert key_padding(torch.randn(2, 1, 1, 5), 2, 5) is False  # a real-valued bias
+    assert key_padding(torch.zeros(2, 4, 5, 5), 2, 5) is False  # per head (Swin's relative bias)
+    assert key_padding(additive, 2, 6) is False  # wrong key count
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "hf_additive", "bias"])
+def test_layer_core_matches_sdpa_math_for_pruned_widths(mask_kind):
+    """MaskedAttention's core with unequal qk / v widths (a pruned layer) equals SDPA's math kernel
+    on the unpadded tensors, whichever route (dispatcher op or padded SDPA) the mask takes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from spp.layers import MaskedAttention
+
+    B, H, N, D, Dv, d = 2, 3, 9, 5, 7, 12
+    g = torch.Generator().manual_seed(4)
+    lin = lambda i, o: torch.nn.Linear(i, o)  # noqa: E731
+    torch.manual_seed(4)
+    layer = MaskedAttention(lin(d, H * D), lin(d, H * D), lin(d, H * Dv), lin(H * Dv, d), H, D, Dv, scale=0.21).eval()
+    x = torch.randn(B, N, d, generator=g)
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "hf_additive":
+        keep = torch.ones(B, N, dtype=torch.bool)
+        keep[1, 6:] = False
+        mask = torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    else:
+        mask = torch.randn(B, H, N, N, generator=g)
+    got = layer.forward_core(x, mask)
+    with sdpa_kernel(SDPBackend.MATH):
+        q = layer.q(x).view(B, N, H, D).transpose(1, 2)
+        k = layer.k(x).view(B, N, H, D).transpose(1, 2)
+        v = layer.v(x).view(B, N, H, Dv).transpose(1, 2)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.21)
+        want = layer.o(ctx.transpose(1, 2).reshape(B, N, H * Dv))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -66,7 +66,8 @@ def cmd_search(a) -> int:
         raise ValueError(f"--batch-size {a.batch_size} exceeds the {len(sents)} sentences available")
     handle = attach(model)
     path = search(handle, data, steps=a.steps, progress=not a.no_progress, seed=a.seed, checkpoint_dir=ckpt_dir,
-                  checkpoint_every=a.checkpoint_every, resume=a.resume, max_nonfinite_steps=a.max_nonfinite_steps)
+                  checkpoint_every=a.checkpoint_every, resume=a.resume, max_nonfinite_steps=a.max_nonfinite_steps,
+                  checkpointing=a.activation_checkpointing)
     if not group.is_main:
         return 0
     path.save(a.out)
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "SIGINT/SIGTERM; 0: only then)")
     s.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT/checkpoint)")
     s.add_argument("--resume", action="store_true", help="continue the search from the checkpoint folder")
+    s.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, same path)")
     s.add_argument("--max-nonfinite-steps", type=_positive, default=10,
                    help="stop after this many consecutive steps with a NaN/Inf loss or mask gradient")
     s.set_defaults(fn=cmd_search)

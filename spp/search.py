@@ -266,6 +266,7 @@ def search(
     checkpoint_every: int = 0,
     resume: bool = False,
     distributed: Optional[bool] = None,
+    checkpointing: bool = False,
     **overrides,
 ) -> SolutionPath:
     """Search the solution path of an attached model (``spp.attach`` first).
@@ -294,6 +295,10 @@ def search(
     then be a mean over the rows of its batch. Only rank 0 writes checkpoints (``checkpoint_dir``
     must be on a file system every rank can read for ``resume``); every rank returns the path.
 
+    Memory: ``checkpointing=True`` recomputes each block's activations in the backward pass
+    instead of storing them (the path is unchanged; a step costs about one more forward). Frozen
+    weights may stay in bf16/fp16 while the masks and the inclusion state are fp32.
+
     Returns the :class:`SolutionPath`; its ``diagnostics()`` say whether the path is degenerate.
     """
     handle = resolve(model)
@@ -311,6 +316,8 @@ def search(
     _check_run_args(progress, callback, checkpoint_dir, checkpoint_every, resume)
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
+    if not isinstance(checkpointing, bool):
+        raise TypeError(f"checkpointing must be a bool, got {type(checkpointing).__name__}")
     group = dist_.current(distributed)
     net, arena, adapter = handle.model, handle.arena, handle.adapter
     device = arena.m.device
@@ -420,6 +427,8 @@ def search(
 
     bar = None
     try:
+        if checkpointing:
+            adapter.set_checkpointing(net, True)
         with guard:
             if state is None:
                 t0 = 0
@@ -501,6 +510,8 @@ def search(
                     path_ = last_ckpt[0] if last_ckpt[1] == t else save(t)
                     raise SearchInterrupted(signum(), t, cfg.steps, path_)
     finally:
+        if checkpointing:
+            adapter.set_checkpointing(net, False)
         if bar is not None:
             bar.close()
         arena.m.grad = None

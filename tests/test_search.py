@@ -10,6 +10,7 @@ import transformers
 import spp
 import spp_kernels
 from spp.search import SearchConfig
+from helpers import make, quiet_search
 
 
 def tiny_bert(seed=0, layers=2):
@@ -112,3 +113,32 @@ def test_bad_data():
         spp.search(h, [torch.zeros(2, 3)], steps=5, progress=False)
     with pytest.raises(ValueError, match="attach"):
         spp.search(tiny_bert(), data(), steps=5, progress=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_activation_checkpointing_keeps_the_path_and_saves_fewer_activations(family):
+    """search(checkpointing=True) gives the same path (entry steps equal, masks within fp32
+    rounding); fewer tensors are saved for backward; the blocks are left as they were."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    model, batch = make(family, seed=1)
+    handle = spp.attach(model)
+    saved = {}
+
+    def counting(tag):
+        def pack(t):
+            saved[tag] = saved.get(tag, 0) + t.numel()
+            return t
+        return saved_tensors_hooks(pack, lambda t: t)
+
+    paths = {}
+    for ck in (False, True):
+        with counting(ck):
+            paths[ck] = quiet_search(handle, batch, steps=12, checkpointing=ck, record_every=1)
+    assert all("forward" not in b.__dict__ for b in handle.adapter.blocks(model))
+    np.testing.assert_array_equal(paths[True].entry, paths[False].entry)
+    np.testing.assert_allclose(paths[True].m, paths[False].m, rtol=1e-5, atol=1e-6)
+    assert (paths[False].entry > 0).any()
+    assert saved[True] < 0.7 * saved[False], saved
+    with pytest.raises(TypeError, match="checkpointing"):
+        quiet_search(handle, batch, steps=2, checkpointing="yes")

@@ -107,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
     c10::string_view act_name, bool need_dx, bool need_dW, bool need_db) {
   const Act act = parse_act(std::string(act_name));
   TORCH_CHECK_VALUE(pre.dim() == 2 && grad.sizes() == pre.sizes(), "masked_linear_backward: grad and pre must be (T, N)");
-  at::Tensor g = grad.to(at::kFloat).contiguous().clone();
+  // the epilogue rewrites g in place: copy the upstream gradient once, never twice
+  at::Tensor g = grad.to(at::kFloat).contiguous();
+  if (g.is_same(grad)) g = g.clone();
   at::Tensor dm = at::empty({pre.size(1)}, pre.options());
   epilogue_backward(g, pre.contiguous(), mvec.contiguous(), act, dm);
   at::Tensor dx = need_dx ? at::mm(g, f32(W)).to(x.scalar_type()) : at::empty({0}, x.options());

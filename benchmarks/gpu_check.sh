@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared run on a CUDA machine: install (building the extension against the machine's own
+# torch), the GPU tests, then every benchmark; results land under $OUT (default ./gpu-out).
+#
+#   OUT=/somewhere bash benchmarks/gpu_check.sh            # everything, ~8 min on an H200
+#   QUICK=1 bash benchmarks/gpu_check.sh                   # smoke run (~3 min)
+#
+# Each stage has its own time limit and a failing stage does not stop the next one; the exit
+# status is the number of failed stages. Commit the CSVs under benchmarks/results/ (their rows
+# carry the device name); never mix them with CPU rows.
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+Q=${QUICK:+--quick}
+failed=0
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/stages.log"; }
+stage() {  # stage NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  log "start $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  log "end $name rc=$rc in $((SECONDS - t0))s"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$OUT/stages.log"
+  [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/device.csv" 2>&1
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+stage install 420 $PY -m pip install --no-deps --no-build-isolation -e .
+$PY -m spp_kernels.info >"$OUT/backends.txt" 2>&1
+
+# the GPU-relevant tests: kernels against the reference on CUDA tensors, the search on CUDA
+stage tests 600 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
+  tests/test_triton_masked_linear.py tests/test_triton_pair_matmul.py tests/test_triton_inclusion_step.py \
+  tests/test_triton_attention.py tests/test_triton_search.py tests/test_ext.py tests/test_attention.py \
+  tests/test_dispatch.py tests/test_prune_exact.py --junitxml="$OUT/tests.xml"
+
+stage bench_inclusion_step 240 $PY benchmarks/bench_inclusion_step.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
+stage bench_pair_matmul 300 $PY benchmarks/bench_pair_matmul.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
+stage bench_masked_linear 240 $PY benchmarks/bench_masked_linear.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
+stage bench_attention 300 $PY benchmarks/bench_attention.py $Q --out "$OUT/attention_cuda.csv"
+stage bench_pruned_vs_dense 420 $PY benchmarks/bench_pruned_vs_dense.py $Q --out "$OUT"
+
+log "done: $failed failed stage(s)"
+exit "$failed"

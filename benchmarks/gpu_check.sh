@@ -2,8 +2,9 @@
 # One prepared run on a CUDA machine: install (building the extension against the machine's own
 # torch), the GPU tests, then every benchmark; results land under $OUT (default ./gpu-out).
 #
-#   OUT=/somewhere bash benchmarks/gpu_check.sh            # everything, ~8 min on an H200
+#   OUT=/somewhere bash benchmarks/gpu_check.sh            # everything (stage limits sum to ~50 min; expect ~10)
 #   QUICK=1 bash benchmarks/gpu_check.sh                   # smoke run (~3 min)
+#   ONLY="install tests" bash benchmarks/gpu_check.sh      # some stages (split a run over device calls)
 #
 # Each stage has its own time limit and a failing stage does not stop the next one; the exit
 # status is the number of failed stages. Commit the CSVs under benchmarks/results/ (their rows
@@ -15,8 +16,9 @@ PY=${PY:-python3}
 Q=${QUICK:+--quick}
 failed=0
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/stages.log"; }
-stage() {  # stage NAME LIMIT_S CMD...
+stage() {  # stage NAME LIMIT_S CMD...   (ONLY="a b" runs just the named stages)
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   log "start $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -43,7 +45,10 @@ stage bench_inclusion_step 240 $PY benchmarks/bench_inclusion_step.py --device c
 stage bench_pair_matmul 300 $PY benchmarks/bench_pair_matmul.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
 stage bench_masked_linear 240 $PY benchmarks/bench_masked_linear.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
 stage bench_attention 300 $PY benchmarks/bench_attention.py $Q --out "$OUT/attention_cuda.csv"
+stage bench_search_step 180 $PY benchmarks/bench_search_step.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
 stage bench_pruned_vs_dense 420 $PY benchmarks/bench_pruned_vs_dense.py $Q --out "$OUT"
+# docs/memory.md's computed 7B figures, measured (random bf16 weights, with/without checkpointing)
+stage search_memory 300 $PY benchmarks/search_memory.py ${QUICK:+--shapes 1x2048} --out "$OUT/search_memory_cuda.csv"
 
 log "done: $failed failed stage(s)"
 exit "$failed"

@@ -4,7 +4,6 @@ forward and every gradient (x, m, W, b), col2unit, leading batch dims, non-conti
 frozen weights (no dW op, W.grad None), opcheck, torch.compile, and the dispatcher route.
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py before triton is imported)."""
 import os
-import zlib
 
 import torch
 
@@ -21,9 +20,8 @@ from spp_kernels.triton import _common  # noqa: E402
 from spp_kernels.triton import masked_linear as tri  # noqa: E402
 from oracles import oracle_masked_linear  # noqa: E402
 from tolerances import DTYPE_IDS, DTYPES, assert_close  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from triton_helpers import DEVICE, OpLog, rand_mask, randn, seed_of  # noqa: E402
 if DEVICE == "cpu" and not _common.INTERPRET:
     pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
@@ -31,34 +29,6 @@ ACTS = [None, "gelu", "gelu_tanh", "relu", "silu"]
 # (tokens T, in K, out N): tokens 1, 7, 197; widths 1, 40, 52, 384
 SHAPES = [(1, 40, 1), (7, 52, 40), (197, 40, 52), (7, 384, 52), (197, 1, 384)]
 SLOW_SHAPES = [(T, K, N) for T in (1, 7, 197) for K in (1, 40, 384, 1536) for N in (1, 52, 384, 1536)]
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
-def randn(shape, dtype, gen, scale=1.0):
-    # drawn in float64 then rounded: the oracle sees exactly the same inputs
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def rand_mask(u, gen):
-    m = torch.rand(u, generator=gen) * 1.4 + 0.1
-    if u > 1:
-        m[u // 3] = 0.0
-    return m.to(DEVICE)
-
-
-class OpLog(TorchDispatchMode):
-    """Records the ops dispatched (custom ops appear by name, e.g. ``spp_triton.masked_linear_dw``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def check_all_grads(T, K, N, dtype, act, bias=True, col2unit=None, U=None, lead=()):

@@ -5,7 +5,6 @@ most, all) read by the kernel only (NaN elsewhere stays unseen), the fused and t
 (wide-output) paths, leading batch dims, non-contiguous inputs, frozen weights (no dW ops),
 opcheck, torch.compile and the dispatcher route. On CPU under TRITON_INTERPRET=1."""
 import os
-import zlib
 
 import torch
 
@@ -22,9 +21,8 @@ from spp_kernels.triton import _common  # noqa: E402
 from spp_kernels.triton import pair_matmul as tri  # noqa: E402
 from oracles import oracle_pair  # noqa: E402
 from tolerances import DTYPE_IDS, DTYPES, assert_close  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from triton_helpers import DEVICE, OpLog, rand_mask, randn, seed_of  # noqa: E402
 if DEVICE == "cpu" and not _common.INTERPRET:
     pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
@@ -33,31 +31,6 @@ ACTS = [None, "gelu", "gelu_tanh", "relu", "silu"]
 SHAPES = [(1, 40, 1, 52), (7, 52, 40, 1), (197, 40, 52, 40), (7, 384, 52, 384), (1, 1, 384, 40)]
 SLOW_SHAPES = [(T, K, U, N) for T in (1, 7, 197) for K in (40, 384) for U in (1, 52, 1536) for N in (52, 384, 1536)]
 GRADS = ("x", "W1", "b1", "m", "W2", "b2")
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
-def randn(shape, dtype, gen, scale=1.0):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def rand_mask(u, gen):
-    m = torch.rand(u, generator=gen) * 1.4 + 0.1
-    if u > 1:
-        m[u // 3] = 0.0
-    return m.to(DEVICE)
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def make(T, K, U, N, dtype, gen, lead=(), bias=True, trained=True):

@@ -1,0 +1,38 @@
+"""Shared helpers of the Triton kernel tests: the device they run on (CUDA, else the CPU under
+the interpreter that conftest selects), seeded float64-drawn inputs and a dispatched-op log."""
+import zlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_of(*parts) -> int:
+    """A stable seed per test case (independent of the test order)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def randn(shape, dtype, gen, scale=1.0):
+    """Drawn in float64 then rounded: the oracle sees exactly the same inputs."""
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def rand_mask(u, gen):
+    """Mask values in [0.1, 1.5) with one exact zero (a pruned unit)."""
+    m = torch.rand(u, generator=gen) * 1.4 + 0.1
+    if u > 1:
+        m[u // 3] = 0.0
+    return m.to(DEVICE)
+
+
+class OpLog(TorchDispatchMode):
+    """Records the ops dispatched (custom ops appear by name, e.g. ``spp_triton.masked_linear_dw``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

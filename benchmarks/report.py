@@ -1,0 +1,224 @@
+"""Tables and plots from the committed benchmark CSVs (nothing is re-measured here).
+
+    python benchmarks/report.py                # print the markdown tables, write the PNGs
+    python benchmarks/report.py --readme       # also replace the results block of README.md
+
+One PNG per kernel benchmark next to its CSV (``kernels_<device>_<op>.png``,
+``attention_<device>.png``); ``bench_pruned_vs_dense.py`` draws its own. Rows of different
+devices are never mixed: each table and plot is per device, and its title names the device.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import glob
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+BEGIN, END = "<!-- results:begin (benchmarks/report.py --readme) -->", "<!-- results:end -->"
+
+
+def read(path: str) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def num(v) -> float:
+    return float(v)
+
+
+def fmt(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits}g}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- kernels
+def kernel_tables(path: str) -> list[str]:
+    rows = read(path)
+    by_dev = collections.defaultdict(list)
+    for r in rows:
+        by_dev[r["device"]].append(r)
+    parts = []
+    for dev, rs in by_dev.items():
+        pm = [r for r in rs if r["op"] == "pair_matmul" and r["metric"] == "time_ms"]
+        if pm:
+            shapes = sorted({r["shape"] for r in pm}, key=lambda s: -float(re.search(r"f=([\d.]+)", s).group(1)))
+            provs = sorted({r["provider"] for r in pm})
+            dense = {r["shape"].split(",f=")[0]: num(r["value"]) for r in pm if r["provider"] == "dense_F.linear"}
+            body = []
+            for s in shapes:
+                f = float(s.split("f=")[1])
+                base = dense.get(s.split(",f=")[0])
+                cells = []
+                for p in provs:
+                    v = [num(r["value"]) for r in pm if r["shape"] == s and r["provider"] == p]
+                    cells.append(f"{fmt(v[0])} ms" + (f" ({v[0] / base:.2f})" if v and base else "") if v else "—")
+                body.append([f"{f:g}"] + cells + [f"{f + 0.15:.2f}"])
+            parts.append(f"**pair_matmul** ({dev}; {shapes[0].split(',f=')[0]}, fp32; time, in brackets ÷ dense "
+                         f"F.linear pair at f = 1):\n\n" + table(["kept f"] + provs + ["target ≤"], body))
+        inc = [r for r in rs if r["op"] == "inclusion_step"]
+        if inc:
+            body = []
+            for r in inc:
+                if r["metric"] in ("speedup", "bandwidth_fraction") or r["provider"].startswith("ext_vs"):
+                    body.append([r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))])
+            if body:
+                parts.append(f"**inclusion_step** ({dev}; ratios measured side by side):\n\n"
+                             + table(["arena", "comparison", "metric", "value"], body))
+        ml = [r for r in rs if r["op"] == "masked_linear"]
+        if ml:
+            body = [[r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ml]
+            parts.append(f"**masked_linear** ({dev}):\n\n" + table(["shape", "provider", "metric", "value"], body))
+        ss = [r for r in rs if r["op"] == "search_step"]
+        if ss:
+            body = [[r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ss]
+            parts.append(f"**search step** ({dev}):\n\n" + table(["model", "backend", "metric", "value"], body))
+    return parts
+
+
+def kernel_plots(path: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = read(path)
+    stem = os.path.splitext(path)[0]
+    for dev in sorted({r["device"] for r in rows}):
+        pm = [r for r in rows if r["device"] == dev and r["op"] == "pair_matmul" and r["metric"] == "time_ms"]
+        if not pm:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        dense = max(num(r["value"]) for r in pm if r["provider"] == "dense_F.linear") if any(
+            r["provider"] == "dense_F.linear" for r in pm) else None
+        for p in sorted({r["provider"] for r in pm} - {"dense_F.linear"}):
+            pts = sorted((float(r["shape"].split("f=")[1]), num(r["value"])) for r in pm if r["provider"] == p)
+            ax.plot([f for f, _ in pts], [v / dense if dense else v for _, v in pts], "o-", label=p)
+        fs = [0.1, 1.0]
+        ax.plot(fs, [f + 0.15 for f in fs], "k--", lw=1, label="target f + 0.15")
+        ax.plot(fs, fs, "k:", lw=1, label="ideal f")
+        ax.set_xlabel("kept fraction f")
+        ax.set_ylabel("time / dense pair time" if dense else "ms")
+        ax.set_title(f"pair_matmul vs kept fraction\n{dev}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        out = f"{stem}_pair_matmul.png" if len({r['device'] for r in rows}) == 1 else \
+            f"{stem}_pair_matmul_{re.sub(r'[^a-z0-9]+', '_', dev.lower())}.png"
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+# ---------------------------------------------------------------------------- attention
+def attention_tables(path: str) -> list[str]:
+    rows = read(path)
+    parts = []
+    for dev in sorted({r["device"] for r in rows}):
+        rs = [r for r in rows if r["device"] == dev]
+        shapes = list(dict.fromkeys(r["shape"] for r in rs))
+        provs = list(dict.fromkeys(r["provider"] for r in rs))
+        for metric in [m for m in dict.fromkeys(r["metric"] for r in rs) if m.endswith("speedup")]:
+            body = []
+            for s in shapes:
+                cells = []
+                for p in provs:
+                    v = [num(r["value"]) for r in rs if r["shape"] == s and r["provider"] == p and r["metric"] == metric]
+                    cells.append(fmt(v[0]) if v else "—")
+                if any(c != "—" for c in cells):
+                    body.append([s] + cells)
+            used = [i for i, p in enumerate(provs) if any(row[1 + i] != "—" for row in body)]
+            body = [[row[0]] + [row[1 + i] for i in used] for row in body]
+            parts.append(f"**attention, {metric}** ({dev}; ratios of times measured side by side):\n\n"
+                         + table(["shape"] + [provs[i] for i in used], body))
+    return parts
+
+
+def attention_plot(path: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read(path) if r["metric"] == "fwd_ms"]
+    if not rows:
+        return []
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shapes)), 4))
+    w = 0.8 / len(provs)
+    for i, p in enumerate(provs):
+        ys = []
+        for s in shapes:
+            v = [num(r["value"]) for r in rows if r["shape"] == s and r["provider"] == p]
+            ys.append(v[0] if v else 0.0)
+        ax.bar([j + i * w for j in range(len(shapes))], ys, width=w, label=p)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(shapes))])
+    ax.set_xticklabels([s.replace(" ", "\n", 1) for s in shapes], fontsize=6, rotation=30)
+    ax.set_ylabel("forward ms")
+    ax.set_title(f"attention on pruned widths\n{rows[0]['device']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
+# ---------------------------------------------------------------------------- pruned vs dense
+def pruned_tables(path: str) -> list[str]:
+    rows = read(path)
+    if not rows:
+        return []
+    dev = rows[0]["device"]
+    body = [[r["model"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
+             fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
+             f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}"] for r in rows]
+    return [f"**dense vs pruned throughput** ({dev}, {rows[0]['dtype']}, seq {rows[0]['seq']}; side by side):\n\n"
+            + table(["model", "batch", "target", "round_to", "FLOPs ratio", "dense /s", "pruned /s", "speedup",
+                     "ideal", "speedup / ideal"], body)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true", help="replace the results block of README.md")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args()
+    parts, pngs = [], []
+    for p in sorted(glob.glob(os.path.join(RESULTS, "pruned_vs_dense_*.csv"))):
+        parts += pruned_tables(p)
+    for p in sorted(glob.glob(os.path.join(RESULTS, "kernels_*.csv"))):
+        parts += kernel_tables(p)
+        if not a.no_plots:
+            pngs += kernel_plots(p)
+    for p in sorted(glob.glob(os.path.join(RESULTS, "attention_*.csv"))):
+        parts += attention_tables(p)
+        if not a.no_plots:
+            pngs += attention_plot(p)
+    text = "\n\n".join(parts)
+    print(text)
+    for p in pngs:
+        print(f"wrote {os.path.relpath(p)}")
+    if a.readme:
+        with open(README) as fh:
+            readme = fh.read()
+        if BEGIN not in readme or END not in readme:
+            raise SystemExit(f"README.md has no results block ({BEGIN} ... {END})")
+        head, rest = readme.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        with open(README, "w") as fh:
+            fh.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        print("README.md results block updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -112,6 +112,23 @@ class MaskedAttention(nn.Module):
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
 
 
+def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask, **kwargs):
+    """Call the Hugging Face attention function that ``config._attn_implementation`` names
+    (``default_fn``, the family's eager one, when none is set) on pruned widths: q, k (B, H, N, D)
+    and v (B, H_kv, M, Dv) with D != Dv allowed. For "sdpa" on CPUs the widths are zero-padded
+    for SDPA's flash kernel (exact: zero channels change neither q·kᵀ nor the kept outputs) and the
+    output sliced back. Returns (out (B, N, H, Dv), attention weights or None)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default_fn)
+    Dv = v.shape[-1]
+    if impl == "sdpa":
+        q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
+    out, weights = fn(module, q, k, v, attention_mask, **kwargs)
+    return (out[..., :Dv] if out.shape[-1] != Dv else out), weights
+
+
 def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int):
     """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``:
     None stays None; a bool mask, or (on CPU) an additive one of only 0 and "minus infinity"

@@ -135,3 +135,25 @@ def test_layer_core_matches_sdpa_math_for_pruned_widths(mask_kind):
         ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.21)
         want = layer.o(ctx.transpose(1, 2).reshape(B, N, H * Dv))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_attention_on_pruned_widths_matches_eager(impl):
+    """spp.layers.hf_attention (the Llama / OPT / CLIP adapters' call into Hugging Face's attention
+    functions) on unequal qk / v widths and GQA: the padded SDPA route equals the eager function."""
+    import types
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from spp.layers import hf_attention
+
+    B, H, G, N, D, Dv = 2, 4, 2, 9, 6, 11
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, G, N, D, generator=g), torch.randn(B, G, N, Dv, generator=g)
+    mask = torch.zeros(B, 1, N, N).masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), float("-inf"))
+    module = types.SimpleNamespace(num_key_value_groups=H // G, training=False, is_causal=True)
+    cfg = types.SimpleNamespace(_attn_implementation=impl)
+    got, _ = hf_attention(module, cfg, eager_attention_forward, q, k, v, mask, dropout=0.0, scaling=0.3)
+    want, _ = eager_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    assert got.shape == (B, N, H, Dv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import MaskedAttention, MaskedMlp, MaskSlot, _narrow_linear, prune_attention
+from ..layers import MaskedAttention, MaskedMlp, MaskSlot, _narrow_linear, hf_attention, prune_attention
 from .base import Adapter, pair_specs_of
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu",
@@ -32,7 +32,6 @@ class ClipMaskedAttention(MaskedAttention):
     is_causal = False
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.clip.modeling_clip import eager_attention_forward
 
         B, N, _ = hidden_states.shape
@@ -40,10 +39,8 @@ class ClipMaskedAttention(MaskedAttention):
         q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, H, self.qk_dim).transpose(1, 2)
         k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, weights = fn(self, q, k, v, attention_mask, scaling=self.scale,
-                          dropout=self.attn_drop if self.training else 0.0, **kwargs)
+        out, weights = hf_attention(self, self.config, eager_attention_forward, q, k, v, attention_mask,
+                                    scaling=self.scale, dropout=self.attn_drop if self.training else 0.0, **kwargs)
         return self.out_drop(self.o(out.reshape(B, N, H * self.v_dim).contiguous())), weights
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import spp_kernels
 
 from ..arena import PairSpec
-from ..layers import GatedMaskedMlp, MaskSlot, _narrow_linear, prune_mlp
+from ..layers import GatedMaskedMlp, MaskSlot, _narrow_linear, hf_attention, prune_mlp
 from .base import Adapter
 
 _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -83,7 +83,6 @@ class RopeGqaAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         cache = cache if cache is not None else past_key_values
@@ -103,12 +102,11 @@ class RopeGqaAttention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         sw = getattr(self.config, "sliding_window", None)
         extra = {"sliding_window": sw} if sw is not None else {}
-        out, weights = fn(self, q, k, v, attention_mask, dropout=self.attn_drop if self.training else 0.0,
-                          scaling=self.scale, **extra, **kwargs)
+        out, weights = hf_attention(self, self.config, eager_attention_forward, q, k, v, attention_mask,
+                                    dropout=self.attn_drop if self.training else 0.0, scaling=self.scale, **extra,
+                                    **kwargs)
         out = out.reshape(B, N, self.num_heads * self.v_dim).contiguous()
         return self.o(out), weights
 

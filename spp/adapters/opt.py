@@ -11,7 +11,7 @@ from typing import Any
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import MaskedAttention, MaskedMlp, prune_attention, prune_mlp
+from ..layers import MaskedAttention, MaskedMlp, hf_attention, prune_attention, prune_mlp
 from .base import Adapter
 
 _ACTS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}
@@ -27,7 +27,6 @@ class OptMaskedAttention(MaskedAttention):
 
     def forward(self, hidden_states, cache=None, attention_mask=None, output_attentions=False, past_key_values=None,
                 **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.opt.modeling_opt import eager_attention_forward
 
         cache = cache if cache is not None else past_key_values
@@ -39,10 +38,8 @@ class OptMaskedAttention(MaskedAttention):
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, weights = fn(self, q, k, v, attention_mask, dropout=self.attn_drop if self.training else 0.0,
-                          scaling=1.0, **kwargs)
+        out, weights = hf_attention(self, self.config, eager_attention_forward, q, k, v, attention_mask,
+                                    dropout=self.attn_drop if self.training else 0.0, scaling=1.0, **kwargs)
         out = out.reshape(B, N, H * self.v_dim).contiguous()
         return self.out_drop(self.o(out)), weights
 

@@ -99,7 +99,7 @@ class MaskedAttention(nn.Module):
         masks) and attention dropout go to SDPA, with CPU widths padded for its flash kernel."""
         drop = self.attn_drop if self.training else 0.0
         if drop == 0.0:
-            keys = key_padding(attn_mask, q.shape[0], k.shape[2])
+            keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device)
             if keys is not False:
                 return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
         Dv = v.shape[-1]
@@ -129,30 +129,53 @@ def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask,
     return (out[..., :Dv] if out.shape[-1] != Dv else out), weights
 
 
-def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int):
-    """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``:
-    None stays None; a bool mask, or (on CPU) an additive one of only 0 and "minus infinity"
-    (≤ half the dtype's lowest value, as Hugging Face builds them), broadcast over heads and
-    queries becomes keys-to-attend. Anything else — per-head or per-query masks, real-valued
-    biases, or an additive mask on an accelerator (reading its values would synchronise) — gives
-    False: the caller keeps it for SDPA."""
+def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):
+    """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``, or
+    False where it is not one (the caller then keeps it for SDPA, with SDPA's exact semantics).
+
+    Read as key padding: None (returned as None); a (B|1, 1, 1, M) mask, or a (B|1, 1, N, M) one
+    whose query rows are all equal (broadcast with stride 0, or, on CPU, checked); a 2-D / 3-D
+    mask whose leading dims are 1 (SDPA aligns masks from the right, so a (N, M) or (X, 1, M)
+    mask is per query or per head, never per batch row). Bool masks as they are; additive float
+    masks only on CPU (reading values on an accelerator would synchronise) and only when every
+    entry is 0 or "minus infinity" (≤ half the dtype's lowest value, as Hugging Face builds them)
+    and no batch row masks every key (SDPA averages over all keys there, the op would give 0).
+    A mask that requires grad or lives on another device than ``device`` is left to SDPA.
+    On CPU a mask that masks nothing gives None."""
     if attn_mask is None:
         return None
     m = attn_mask
-    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+    if m.requires_grad or (device is not None and m.device != torch.device(device)):
+        return False
+    on_cpu = m.device.type == "cpu"
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            return False
+        if m.shape[2] != 1:
+            if m.stride(2) != 0 and not (on_cpu and bool((m == m[:, :, :1]).all())):
+                return False
+            m = m[:, :, :1]
         m = m[:, 0, 0, :]
-    elif m.dim() == 3 and m.shape[1] == 1:
-        m = m[:, 0, :]
-    if m.dim() != 2 or m.shape[-1] != keys or m.shape[0] not in (1, batch):
+    elif m.dim() in (2, 3):
+        if any(d != 1 for d in m.shape[:-1]):
+            return False
+        m = m.reshape(1, m.shape[-1])
+    else:
+        return False
+    if m.shape[-1] != keys or m.shape[0] not in (1, batch):
         return False
     if m.dtype == torch.bool:
-        return m.expand(batch, keys)
-    if not m.is_floating_point() or m.device.type != "cpu":
+        keep = m
+    elif m.is_floating_point() and on_cpu:
+        low = m <= torch.finfo(m.dtype).min / 2
+        if not bool(((m == 0) | low).all()) or bool(low.all(-1).any()):
+            return False
+        keep = ~low
+    else:
         return False
-    low = m <= torch.finfo(m.dtype).min / 2
-    if not bool(((m == 0) | low).all()):
-        return False
-    return (~low).expand(batch, keys)
+    if on_cpu and bool(keep.all()):
+        return None
+    return keep.expand(batch, keys)
 
 
 class MaskedMlp(nn.Module):

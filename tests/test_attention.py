@@ -95,14 +95,26 @@ def test_key_padding_reads_hugging_face_and_bool_masks():
     assert key_padding(None, 2, 5) is None
     assert torch.equal(key_padding(keep[:, None, None, :], 2, 5), keep)
     assert torch.equal(key_padding(additive, 2, 5), keep)
-    assert torch.equal(key_padding(torch.zeros(1, 1, 1, 5), 2, 5), torch.ones(2, 5, dtype=torch.bool))  # broadcast
     inf = torch.zeros(2, 1, 1, 5).masked_fill(~keep[:, None, None, :], float("-inf"))
     assert torch.equal(key_padding(inf, 2, 5), keep)
+    # Hugging Face's materialised (B, 1, N, M) masks with equal query rows, broadcast or not
+    assert torch.equal(key_padding(keep[:, None, None, :].expand(2, 1, 3, 5), 2, 5), keep)
+    assert torch.equal(key_padding(additive.expand(2, 1, 3, 5).clone(), 2, 5), keep)
+    assert key_padding(torch.zeros(1, 1, 1, 5), 2, 5) is None  # masks nothing
+    assert torch.equal(key_padding(keep[:1].reshape(1, 1, 5), 2, 5), keep[:1].expand(2, 5))  # leading dims 1
     # what a key-padding mask cannot express stays with SDPA
-    assert key_padding(additive.expand(2, 1, 3, 5).clone(), 2, 5) is False  # per-query rows
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert key_padding(causal[None, None].expand(2, 1, 5, 5), 2, 5) is False  # per-query rows
+    assert key_padding(causal[:2], 2, 5) is False  # a 2-D (N, M) mask is per query, not per batch row
+    assert key_padding(keep[:, None, :], 2, 5) is False  # (X, 1, M) is per head in SDPA
     assert key_padding(torch.randn(2, 1, 1, 5), 2, 5) is False  # a real-valued bias
     assert key_padding(torch.zeros(2, 4, 5, 5), 2, 5) is False  # per head (Swin's relative bias)
     assert key_padding(additive, 2, 6) is False  # wrong key count
+    all_masked = additive.clone()
+    all_masked[1] = low
+    assert key_padding(all_masked, 2, 5) is False  # SDPA averages there; the op would give 0
+    assert key_padding(additive.clone().requires_grad_(), 2, 5) is False
+    assert key_padding(keep[:, None, None, :], 2, 5, device="meta") is False  # another device
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "hf_additive", "bias"])

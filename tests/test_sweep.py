@@ -36,6 +36,31 @@ def test_sweep_equals_physically_pruned_models(family, by):
     assert torch.all(handle.arena.m == 1) and all(v is None for v in handle.arena.active.values())
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "clip", "swin"])
+def test_sweep_equals_pruned_models_for_the_other_families(family):
+    """Gated MLPs, rotary / GQA attention, CLIP's towers, Swin windows: masked with active units
+    equals physically pruned, at two budgets."""
+    import tiny_models
+
+    model = getattr(tiny_models, f"tiny_{family}")(0)
+    batch = {"clip": tiny_models.clip_batch, "swin": tiny_models.image_batch}.get(family, tiny_models.token_batch)(2)
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=20)
+    seen = []
+
+    def evaluate(m):
+        with torch.no_grad():
+            seen.append(handle.adapter.forward(m, batch)[0].clone())
+        return {}
+
+    path_sweep(handle, path, [0.8, 0.45], evaluate)
+    for f, out in zip([0.8, 0.45], seen):
+        small = spp.prune(handle.model, path.masks(params=f))
+        with torch.no_grad():
+            want = handle.adapter.forward(small, batch)[0]
+        assert float((out - want).abs().max()) <= 1e-5
+
+
 def test_sweep_restores_ones_when_evaluation_fails():
     model, batch = make("bert", seed=0)
     handle = spp.attach(model)

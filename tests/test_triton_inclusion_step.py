@@ -4,26 +4,16 @@ decay x record, within 1e-6 relative (bit-identical where the operations are the
 adamw square root of torch's CPU kernel is not correctly rounded, ours is), one launch per step,
 NaN/Inf refused before anything is written, validation, opcheck and the dispatcher route."""
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_helpers import DEVICE  # first: it skips this module where Triton cannot run
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import spp_kernels  # noqa: E402
-from spp_kernels import dispatch, reference  # noqa: E402
-from spp_kernels.triton import _common  # noqa: E402
-from spp_kernels.triton import inclusion_step as tri  # noqa: E402
-from tolerances import TOL  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.INTERPRET:
-    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+import spp_kernels
+from spp_kernels import dispatch, reference
+from spp_kernels.triton import inclusion_step as tri
+from tolerances import TOL
 
 NAMES = ("m", "exp_avg", "exp_avg_sq", "z", "gamma", "entry", "support_count")
 

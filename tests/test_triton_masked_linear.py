@@ -3,27 +3,19 @@ tokens 1/7/197, widths 1/40/52/384 (1536 in the slow sweep), fp32/fp16/bf16, eve
 forward and every gradient (x, m, W, b), col2unit, leading batch dims, non-contiguous inputs,
 frozen weights (no dW op, W.grad None), opcheck, torch.compile, and the dispatcher route.
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py before triton is imported)."""
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_helpers import DEVICE, OpLog, rand_mask, randn, seed_of  # first: it skips this module where Triton cannot run
 
-import pytest  # noqa: E402
+import spp_kernels
+from spp_kernels import dispatch
+from spp_kernels.triton import _common
+from spp_kernels.triton import masked_linear as tri
+from oracles import oracle_masked_linear
+from tolerances import DTYPE_IDS, DTYPES, assert_close
 
-pytest.importorskip("triton")
-
-import spp_kernels  # noqa: E402
-from spp_kernels import dispatch  # noqa: E402
-from spp_kernels.triton import _common  # noqa: E402
-from spp_kernels.triton import masked_linear as tri  # noqa: E402
-from oracles import oracle_masked_linear  # noqa: E402
-from tolerances import DTYPE_IDS, DTYPES, assert_close  # noqa: E402
-
-from triton_helpers import DEVICE, OpLog, rand_mask, randn, seed_of  # noqa: E402
-if DEVICE == "cpu" and not _common.INTERPRET:
-    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
 ACTS = [None, "gelu", "gelu_tanh", "relu", "silu"]
 # (tokens T, in K, out N): tokens 1, 7, 197; widths 1, 40, 52, 384

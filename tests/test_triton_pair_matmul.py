@@ -4,27 +4,19 @@ forward and every gradient (x, m, W1, b1, W2, b2), ``active`` subsets (empty, fe
 most, all) read by the kernel only (NaN elsewhere stays unseen), the fused and the split
 (wide-output) paths, leading batch dims, non-contiguous inputs, frozen weights (no dW ops),
 opcheck, torch.compile and the dispatcher route. On CPU under TRITON_INTERPRET=1."""
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_helpers import DEVICE, OpLog, rand_mask, randn, seed_of  # first: it skips this module where Triton cannot run
 
-import pytest  # noqa: E402
+import spp_kernels
+from spp_kernels import dispatch
+from spp_kernels.triton import _common
+from spp_kernels.triton import pair_matmul as tri
+from oracles import oracle_pair
+from tolerances import DTYPE_IDS, DTYPES, assert_close
 
-pytest.importorskip("triton")
-
-import spp_kernels  # noqa: E402
-from spp_kernels import dispatch  # noqa: E402
-from spp_kernels.triton import _common  # noqa: E402
-from spp_kernels.triton import pair_matmul as tri  # noqa: E402
-from oracles import oracle_pair  # noqa: E402
-from tolerances import DTYPE_IDS, DTYPES, assert_close  # noqa: E402
-
-from triton_helpers import DEVICE, OpLog, rand_mask, randn, seed_of  # noqa: E402
-if DEVICE == "cpu" and not _common.INTERPRET:
-    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
 ACTS = [None, "gelu", "gelu_tanh", "relu", "silu"]
 # (tokens T, in K, units U, out N); N = 384 > FUSED_MAX_N takes the split path under the interpreter

@@ -1,11 +1,20 @@
 """Shared helpers of the Triton kernel tests: the device they run on (CUDA, else the CPU under
-the interpreter that conftest selects), seeded float64-drawn inputs and a dispatched-op log."""
+the interpreter that conftest selects before triton is imported), seeded float64-drawn inputs
+and a dispatched-op log. Importing this module skips the importing test module where the
+kernels cannot run (no triton; a CPU without the interpreter)."""
 import zlib
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+pytest.importorskip("triton")
+
+from spp_kernels.triton import _common  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _common.INTERPRET:
+    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
 
 def seed_of(*parts) -> int:

@@ -189,7 +189,7 @@ def pruned_tables(path: str) -> list[str]:
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
              f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}"] for r in rows]
-    return [f"**dense vs pruned throughput** ({dev}; side by side):\n\n"
+    return [f"**dense vs pruned throughput** ({dev}; side by side; `results/{os.path.basename(path)}`):\n\n"
             + table(["model", "dtype", "seq", "batch", "target", "round_to", "FLOPs ratio", "dense /s", "pruned /s", "speedup",
                      "ideal", "speedup / ideal"], body)]
 

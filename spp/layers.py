@@ -6,6 +6,7 @@ fixed at construction to the original ``1/sqrt(head_dim)`` and never changes wit
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -129,7 +130,25 @@ def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask,
     return (out[..., :Dv] if out.shape[-1] != Dv else out), weights
 
 
+_KEY_PADDING_LAST: list = [None]  # (weakref to the mask, its version, batch, keys, device, result)
+
+
 def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):
+    """:func:`_key_padding`, remembered for the last mask seen: every layer of a forward gets the
+    same mask tensor, so it is read once per forward, not once per layer (the tensor's identity
+    and version counter guard the reuse)."""
+    if attn_mask is None:
+        return None
+    last = _KEY_PADDING_LAST[0]
+    if (last is not None and last[0]() is attn_mask and last[1] == attn_mask._version
+            and last[2:5] == (batch, keys, device)):
+        return last[5]
+    result = _key_padding(attn_mask, batch, keys, device)
+    _KEY_PADDING_LAST[0] = (weakref.ref(attn_mask), attn_mask._version, batch, keys, device, result)
+    return result
+
+
+def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):
     """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``, or
     False where it is not one (the caller then keeps it for SDPA, with SDPA's exact semantics).
 

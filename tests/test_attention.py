@@ -169,3 +169,24 @@ def test_hf_attention_on_pruned_widths_matches_eager(impl):
     want, _ = eager_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
     assert got.shape == (B, N, H, Dv)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_key_padding_is_read_once_per_mask_and_rereads_a_changed_one():
+    from spp import layers
+
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[1, ..., 4:] = False
+    first = layers.key_padding(keep, 2, 6)
+    assert layers.key_padding(keep, 2, 6) is first  # the same tensor, unchanged: remembered
+    keep[0, ..., 0] = False  # changed in place: its version counter moved, so it is read again
+    again = layers.key_padding(keep, 2, 6)
+    assert again is not first and not bool(again[0, 0])
+    additive = torch.zeros(2, 1, 1, 6)
+    a1 = layers.key_padding(additive, 2, 6)
+    additive[1, ..., 5] = torch.finfo(torch.float32).min  # an additive mask's result is a new tensor
+    a2 = layers.key_padding(additive, 2, 6)
+    assert a1 is None and not bool(a2[1, 5]) and bool(a2[0].all())
+    other = keep.clone()
+    other[1, ..., :] = True
+    assert bool(layers.key_padding(other, 2, 6)[1].all())  # another tensor is not confused with it
+    assert layers.key_padding(keep, 2, 7) is False  # nor are other arguments

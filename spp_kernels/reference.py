@@ -358,5 +358,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]
     if attn_mask is not None:
-        out = out.masked_fill(~attn_mask.any(-1)[:, None, None, None], 0.0)
+        empty = ~attn_mask.any(-1)
+        # on CPUs reading the flag is free and usually spares a pass over the output
+        if q.device.type != "cpu" or bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out

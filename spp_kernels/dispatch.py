@@ -30,6 +30,10 @@ class Impl:
 _REGISTRY: dict[str, dict[str, Impl]] = {op: {} for op in OPS}
 _UNAVAILABLE: dict[str, str] = {}  # backend -> why it is not there
 _warned: set = set()
+# resolve() runs once per op call (every layer of every forward): its answers are remembered per
+# (op, device type, SPP_BACKEND, the op's registry dict, held so that its id cannot be reused);
+# register / mark_unavailable forget them all
+_RESOLVED: dict = {}
 
 
 def register(op: str, backend: str, fn: Callable, devices: tuple = ("cpu", "cuda"),
@@ -41,10 +45,12 @@ def register(op: str, backend: str, fn: Callable, devices: tuple = ("cpu", "cuda
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _REGISTRY[op][backend] = Impl(fn, tuple(devices), tuple(forced_devices))
+    _RESOLVED.clear()
 
 
 def mark_unavailable(backend: str, why: str) -> None:
     _UNAVAILABLE[backend] = why
+    _RESOLVED.clear()
 
 
 def requested_backend() -> Optional[str]:
@@ -87,11 +93,21 @@ def choose(op: str, device_type: str) -> tuple[str, str]:
 
 
 def resolve(op: str, device: torch.device) -> Callable:
+    registry = _REGISTRY[op]
+    key = (op, device.type, os.environ.get("SPP_BACKEND", ""), id(registry))
+    hit = _RESOLVED.get(key)
+    if hit is not None and hit[0] is registry:
+        return hit[1]
     backend, reason = choose(op, device.type)
-    if reason.startswith("SPP_BACKEND=") and (op, device.type) not in _warned:
-        _warned.add((op, device.type))
-        warnings.warn(f"spp_kernels: {op} on {device.type} falls back to torch: {reason}", RuntimeWarning, stacklevel=3)
-    return _REGISTRY[op][backend].fn
+    fn = registry[backend].fn
+    if reason.startswith("SPP_BACKEND="):  # a fallback: not remembered, so that it warns as it should
+        if (op, device.type) not in _warned:
+            _warned.add((op, device.type))
+            warnings.warn(f"spp_kernels: {op} on {device.type} falls back to torch: {reason}", RuntimeWarning,
+                          stacklevel=3)
+    else:
+        _RESOLVED[key] = (registry, fn)
+    return fn
 
 
 def explain(device_type: str = "cpu") -> list[tuple[str, str, str]]:

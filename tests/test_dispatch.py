@@ -224,3 +224,20 @@ def test_forced_only_device_is_served_on_request_only(scratch_registry):
     x, W1, b1, m, W2, b2 = small_inputs()
     spp_kernels.pair_matmul(x, W1, b1, m, W2, b2, "gelu")
     assert calls == [1]
+
+
+def test_resolve_remembers_its_answer_until_the_registry_or_the_request_changes(scratch_registry):
+    cpu = torch.device("cpu")
+    first = dispatch.resolve("pair_matmul", cpu)
+    assert dispatch.resolve("pair_matmul", cpu) is first
+    assert any(k[0] == "pair_matmul" and k[1] == "cpu" for k in dispatch._RESOLVED)
+
+    def mine(*args):
+        return "mine"
+
+    dispatch.register("pair_matmul", "triton", mine, devices=("cpu",))  # a new, preferred backend
+    assert dispatch.resolve("pair_matmul", cpu) is mine
+    scratch_registry.setenv("SPP_BACKEND", "torch")
+    assert dispatch.resolve("pair_matmul", cpu) is dispatch.TORCH["pair_matmul"]
+    scratch_registry.setenv("SPP_BACKEND", "auto")
+    assert dispatch.resolve("pair_matmul", cpu) is mine

@@ -139,6 +139,8 @@ def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device
     and version counter guard the reuse)."""
     if attn_mask is None:
         return None
+    if attn_mask.is_inference():  # no version counter to guard a remembered answer: read it
+        return _key_padding(attn_mask, batch, keys, device)
     last = _KEY_PADDING_LAST[0]
     if (last is not None and last[0]() is attn_mask and last[1] == attn_mask._version
             and last[2:5] == (batch, keys, device)):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import spp
 import spp_kernels
 from spp_kernels import reference
 from oracles import oracle_attention
@@ -190,3 +191,22 @@ def test_key_padding_is_read_once_per_mask_and_rereads_a_changed_one():
     other[1, ..., :] = True
     assert bool(layers.key_padding(other, 2, 6)[1].all())  # another tensor is not confused with it
     assert layers.key_padding(keep, 2, 7) is False  # nor are other arguments
+
+
+def test_pruned_bert_runs_under_inference_mode():
+    """Inference tensors have no version counter: the mask is read without being remembered."""
+    from helpers import bert_batch, tiny_bert
+    from spp.baselines import magnitude_path
+
+    model = tiny_bert()
+    batch = bert_batch(seed=1)
+    batch["attention_mask"][0, -3:] = 0
+    h = spp.attach(model)
+    small = spp.prune(h.model, magnitude_path(h).masks(keep=0.5))
+    with torch.no_grad():
+        want = small(**batch).last_hidden_state
+    with torch.inference_mode():
+        got = small(**batch).last_hidden_state
+        again = small(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)

@@ -20,11 +20,11 @@ def tiny_bert(seed=0, layers=2):
     return transformers.BertModel(cfg).eval()
 
 
-def data(n=4, seed=1):
+def data(n=4, seed=1, rows=4):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(1, 97, (4, 9), generator=g)
+        ids = torch.randint(1, 97, (rows, 9), generator=g)
         am = torch.ones_like(ids)
         am[0, 6:] = 0
         out.append({"input_ids": ids, "attention_mask": am})

@@ -1,57 +1,17 @@
 """A short ``spp.search`` on a tiny BERT with the Triton backend (``SPP_BACKEND=triton``; on CPU
 the kernels run under TRITON_INTERPRET=1) gives the same solution path as the torch backend:
 the same entry steps and support counts, masks and z within the fp32 tolerance."""
-import os
 import warnings
 
 import numpy as np
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_helpers import OpLog  # first: it skips this module where Triton cannot run
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import transformers  # noqa: E402
-
-import spp  # noqa: E402
-from spp_kernels import dispatch  # noqa: E402
-from spp_kernels.triton import _common  # noqa: E402
-from tolerances import TOL  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-if not torch.cuda.is_available() and not _common.INTERPRET:
-    pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
-
-
-def data(n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 97, (3, 9), generator=g)
-        am = torch.ones_like(ids)
-        am[0, 6:] = 0
-        out.append({"input_ids": ids, "attention_mask": am})
-    return out
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+import spp
+from spp_kernels import dispatch
+from test_search import data, tiny_bert
+from tolerances import TOL
 
 
 def run(backend, monkeypatch, log=None):
@@ -60,9 +20,9 @@ def run(backend, monkeypatch, log=None):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*degenerate", category=RuntimeWarning)
         if log is None:
-            return spp.search(h, data(), steps=40, progress=False, seed=3)
+            return spp.search(h, data(3, rows=3), steps=40, progress=False, seed=3)
         with log:
-            return spp.search(h, data(), steps=40, progress=False, seed=3)
+            return spp.search(h, data(3, rows=3), steps=40, progress=False, seed=3)
 
 
 def test_search_path_matches_the_torch_backend(monkeypatch):

@@ -68,6 +68,67 @@ def test_public_op_dispatches_to_sdpa_on_cpu(monkeypatch):
     assert torch.equal(spp_kernels.attention(q, k, v, 0.3), reference.sdpa_attention(q, k, v, 0.3))
 
 
+@pytest.mark.parametrize("chunk_heads", [1, 2, 5, 100], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_short_q", "empty_row"])
+def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, masking):
+    """The fp32 CPU inference path of the torch backend (batched GEMM → softmax → GEMM in chunks
+    of (batch, head) pairs) against the float64 oracle, with chunks that split batch rows and heads
+    unevenly, unequal odd widths, key padding, causal with fewer queries than keys, and a batch row
+    that masks every key."""
+    B, H, N, M, D, Dv = 3, 3, 7, 7, 5, 9
+    if masking == "causal_short_q":
+        N = 4
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, H, N, D, generator=g)
+    k, v = torch.randn(B, H, M, D, generator=g), torch.randn(B, H, M, Dv, generator=g)
+    mask = None
+    if masking in ("padding", "empty_row"):
+        mask = padding_mask(B, M, seed=3)
+        if masking == "empty_row":
+            mask[1] = False
+    causal = masking.startswith("causal")
+    monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", chunk_heads * N * M * 4)
+    assert reference.use_cpu_chunked(q, k, v)
+    out = reference.sdpa_attention(q, k, v, 0.37, mask, causal)
+    assert out.shape == (B, H, N, Dv)
+    if masking == "empty_row":
+        assert torch.all(out[1] == 0)
+    assert_close(out, oracle_attention(q, k, v, 0.37, mask, causal), torch.float32, D, M, msg=masking)
+    # non-contiguous inputs (a transposed projection's view) give the same numbers
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(reference.sdpa_attention(qt, k, v, 0.37, mask, causal), out, rtol=0, atol=0)
+
+
+def test_cpu_chunked_path_is_taken_only_for_fp32_inference_at_moderate_lengths(monkeypatch):
+    """Autograd, half dtypes, ``sdpa_kernel(MATH)`` and sequences whose per-head scores exceed the
+    chunk budget keep SDPA; gradients through the op are SDPA's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = inputs((2, 2, 6, 5, 7), torch.float32)
+    assert reference.use_cpu_chunked(q, k, v)
+    assert not reference.use_cpu_chunked(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    with sdpa_kernel(SDPBackend.MATH):
+        assert not reference.use_cpu_chunked(q, k, v)
+    monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", 6 * 6 * 4 - 1)
+    assert not reference.use_cpu_chunked(q, k, v)
+    # equal widths: flash takes them unpadded, so the chunked path only when one chunk holds all
+    qe, ke, ve = inputs((2, 2, 6, 5, 5), torch.float32)
+    monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", 2 * 2 * 6 * 6 * 4)
+    assert reference.use_cpu_chunked(qe, ke, ve)
+    monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", 2 * 2 * 6 * 6 * 4 - 1)
+    assert not reference.use_cpu_chunked(qe, ke, ve) and reference.use_cpu_chunked(q, k, v)
+    monkeypatch.undo()
+    qg = q.clone().requires_grad_()
+    assert not reference.use_cpu_chunked(qg, k, v)
+    with torch.no_grad():
+        assert reference.use_cpu_chunked(qg, k, v)
+    out = reference.sdpa_attention(qg, k, v, 0.3)
+    out.square().sum().backward()
+    q64 = q.double().requires_grad_()
+    oracle_attention(q64, k, v, 0.3).square().sum().backward()
+    torch.testing.assert_close(qg.grad, q64.grad.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda q, k, v: (q[0], k, v, 0.5, None, False), "q must be 4-D"),
     (lambda q, k, v: (q, k[..., :2], v, 0.5, None, False), "k's width"),

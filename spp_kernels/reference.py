@@ -5,7 +5,9 @@ float rounding (and bit-for-bit where the order of operations is the same).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -351,10 +353,26 @@ def pad_for_cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 CPU_SCORE_CHUNK_BYTES = 1 << 20
 
 
+_SDPA_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def sdpa_only():
+    """Within it the torch backend's attention takes SDPA everywhere, never the chunked CPU path.
+    The search runs its teacher so: self-distillation needs the teacher's outputs to equal, bit for
+    bit at m = 1, those of the student, which records autograd and therefore runs SDPA."""
+    depth = getattr(_SDPA_ONLY, "depth", 0)
+    _SDPA_ONLY.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SDPA_ONLY.depth = depth
+
+
 def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention`: fp32 CPU tensors, no
     autograd graph to record, SDPA's flash kernel not switched off (``sdpa_kernel(MATH)`` keeps
-    SDPA's math path exactly), one head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer
+    SDPA's math path exactly), not inside :func:`sdpa_only`, one head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer
     sequences keep flash, whose memory does not grow with N·M), and either unequal qk / v widths
     (flash would need them padded) or all scores in one chunk. Where flash takes the widths as
     they are and the scores span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
@@ -362,7 +380,7 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    if not torch.backends.cuda.flash_sdp_enabled():
+    if getattr(_SDPA_ONLY, "depth", 0) or not torch.backends.cuda.flash_sdp_enabled():
         return False
     B, H, N, D = q.shape
     head = N * k.shape[2] * 4

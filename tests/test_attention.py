@@ -109,6 +109,11 @@ def test_cpu_chunked_path_is_taken_only_for_fp32_inference_at_moderate_lengths(m
     assert not reference.use_cpu_chunked(q.bfloat16(), k.bfloat16(), v.bfloat16())
     with sdpa_kernel(SDPBackend.MATH):
         assert not reference.use_cpu_chunked(q, k, v)
+    with reference.sdpa_only():
+        with reference.sdpa_only():
+            assert not reference.use_cpu_chunked(q, k, v)
+        assert not reference.use_cpu_chunked(q, k, v)
+    assert reference.use_cpu_chunked(q, k, v)
     monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", 6 * 6 * 4 - 1)
     assert not reference.use_cpu_chunked(q, k, v)
     # equal widths: flash takes them unpadded, so the chunked path only when one chunk holds all

@@ -42,15 +42,27 @@ class Adapter:
     def make_mlp(self, block: nn.Module) -> MaskedMlp:
         raise NotImplementedError
 
+    # where a block keeps its attention and MLP, and the masked types that replace them: the
+    # defaults below serve families whose block holds both as plain attributes
+    attn_attr: str = "attn"
+    mlp_attr: str = "mlp"
+    attn_type: type = MaskedAttention
+    mlp_type: type = MaskedMlp
+
     def install(self, block: nn.Module, attn: MaskedAttention, mlp: MaskedMlp) -> Any:
         """Put ``attn``/``mlp`` into ``block``; return what :meth:`uninstall` needs to undo it."""
-        raise NotImplementedError
+        saved = (getattr(block, self.attn_attr), getattr(block, self.mlp_attr))
+        setattr(block, self.attn_attr, attn)
+        setattr(block, self.mlp_attr, mlp)
+        return saved
 
     def uninstall(self, block: nn.Module, saved: Any) -> None:
-        raise NotImplementedError
+        setattr(block, self.attn_attr, saved[0])
+        setattr(block, self.mlp_attr, saved[1])
 
     def installed(self, block: nn.Module) -> Optional[tuple[MaskedAttention, MaskedMlp]]:
-        raise NotImplementedError
+        a, m = getattr(block, self.attn_attr), getattr(block, self.mlp_attr)
+        return (a, m) if isinstance(a, self.attn_type) and isinstance(m, self.mlp_type) else None
 
     def describe(self, model: nn.Module) -> dict:
         """JSON-able description from which :meth:`build` makes the same dense architecture."""

@@ -81,6 +81,7 @@ _CLASSES = ("CLIPModel",)
 class ClipAdapter(Adapter):
     family = "clip"
     description = "Hugging Face CLIP (CLIPModel: vision and text towers, projections unchanged)"
+    attn_attr = "self_attn"
 
     @classmethod
     def matches(cls, model):
@@ -142,18 +143,6 @@ class ClipAdapter(Adapter):
 
     def make_mlp(self, block):
         return ClipMaskedMlp(block.mlp.fc1, block.mlp.fc2, self._act_of(block))
-
-    def install(self, block, attn, mlp):
-        saved = (block.self_attn, block.mlp)
-        block.self_attn, block.mlp = attn, mlp
-        return saved
-
-    def uninstall(self, block, saved):
-        block.self_attn, block.mlp = saved
-
-    def installed(self, block):
-        a, m = block.self_attn, block.mlp
-        return (a, m) if isinstance(a, MaskedAttention) and isinstance(m, MaskedMlp) else None
 
     def block_specs(self, layer, attn, mlp, seq_len):
         # FLOPs per token use each tower's own token count (vision: patches + class token)

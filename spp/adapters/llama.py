@@ -149,6 +149,9 @@ def _base(model: nn.Module) -> nn.Module:
 class LlamaAdapter(Adapter):
     family = "llama"
     description = "Hugging Face Llama / Mistral style decoders (LlamaModel, LlamaForCausalLM, Mistral*; GQA, RoPE, SwiGLU)"
+    attn_attr = "self_attn"
+    attn_type = RopeGqaAttention
+    mlp_type = GatedMaskedMlp
 
     @classmethod
     def matches(cls, model):
@@ -192,18 +195,6 @@ class LlamaAdapter(Adapter):
     def make_mlp(self, block):
         m = block.mlp
         return GatedMaskedMlp(m.gate_proj, m.up_proj, m.down_proj, self.act)
-
-    def install(self, block, attn, mlp):
-        saved = (block.self_attn, block.mlp)
-        block.self_attn, block.mlp = attn, mlp
-        return saved
-
-    def uninstall(self, block, saved):
-        block.self_attn, block.mlp = saved
-
-    def installed(self, block):
-        a, m = block.self_attn, block.mlp
-        return (a, m) if isinstance(a, RopeGqaAttention) and isinstance(m, GatedMaskedMlp) else None
 
     def block_specs(self, layer, attn, mlp, seq_len):
         """qk unit (a rotary pair): 2 rows in each of H query and G key heads; vo unit: G value rows and

@@ -46,6 +46,7 @@ def _set_bias(attn: SwinMaskedAttention, table: nn.Parameter, index: torch.Tenso
 class SwinAdapter(Adapter):
     family = "timm_swin"
     description = "timm SwinTransformer (v1; window attention with relative position bias)"
+    attn_type = SwinMaskedAttention
 
     @classmethod
     def matches(cls, model):
@@ -94,18 +95,6 @@ class SwinAdapter(Adapter):
     def make_mlp(self, block):
         m = block.mlp
         return MaskedMlp(m.fc1, m.fc2, _act_name(m.act), drop=m.drop2.p)
-
-    def install(self, block, attn, mlp):
-        saved = (block.attn, block.mlp)
-        block.attn, block.mlp = attn, mlp
-        return saved
-
-    def uninstall(self, block, saved):
-        block.attn, block.mlp = saved
-
-    def installed(self, block):
-        a, m = block.attn, block.mlp
-        return (a, m) if isinstance(a, SwinMaskedAttention) and isinstance(m, MaskedMlp) else None
 
     def prune_parts(self, attn, mlp, qk, vo, ml):
         new = prune_attention(attn, qk[0], qk[1], vo[0], vo[1])

@@ -93,18 +93,6 @@ class TimmViTAdapter(Adapter):
         m = block.mlp
         return MaskedMlp(m.fc1, m.fc2, _act_name(m.act), drop=m.drop2.p)
 
-    def install(self, block, attn, mlp):
-        saved = (block.attn, block.mlp)
-        block.attn, block.mlp = attn, mlp
-        return saved
-
-    def uninstall(self, block, saved):
-        block.attn, block.mlp = saved
-
-    def installed(self, block):
-        a, m = block.attn, block.mlp
-        return (a, m) if isinstance(a, MaskedAttention) and isinstance(m, MaskedMlp) else None
-
     def describe(self, model):
         blk = model.blocks[0]
         attn, mlp = self.parts(blk)

@@ -5,7 +5,8 @@ Shapes are pruned heads of DeiT-S (H=6, N=197), DeiT-B (H=12, N=197) and BERT-ba
 N=128), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}; forward
 (``fwd_ms``) and forward+backward (``fwd_bwd_ms``), median of repeats (CUDA events on GPUs).
 Providers: ``spp_triton`` (spp_kernels.triton.attention.attention, CUDA only: interpreter timings
-on CPU mean nothing), ``sdpa_same`` (F.scaled_dot_product_attention on the pruned widths as they
+on CPU mean nothing), ``spp_cpu`` (CPU only: the op's torch backend, ``reference.sdpa_attention``,
+which pruned layers run on CPUs), ``sdpa_same`` (F.scaled_dot_product_attention on the pruned widths as they
 are), ``sdpa_padded`` (q, k, v zero-padded to one common width, the next multiple of 8 of
 max(D, Dv) — zero channels change neither q·k nor the kept outputs — padding and slicing timed).
 
@@ -118,8 +119,12 @@ def main(argv=None) -> None:
 
         providers = {"spp_triton": tri.attention, **providers}
     else:
+        from spp_kernels import reference
+
+        providers = {"spp_cpu": reference.sdpa_attention, **providers}
         print("CPU: skipping the spp_triton rows (only Triton's interpreter runs on CPU; its timings mean "
-              "nothing); SDPA on the pruned widths vs SDPA on padded widths only.")
+              "nothing). spp_cpu is the op's torch backend that pruned layers use on CPUs (chunked "
+              "GEMM-softmax-GEMM at the pruned widths for fp32 inference where it applies, else SDPA).")
 
     dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention_{device.type}.csv")

@@ -425,6 +425,8 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         torch.softmax(s, -1, out=s)
         torch.bmm(s, v3[i:j], out=out[i:j])
     out = out.view(B, H, N, Dv)
+    if is_causal and N > M:  # queries i < N - M see no key: zeros, as in the reference
+        out[:, :, : N - M] = 0.0
     if attn_mask is not None:  # batch rows with no key to attend: zeros (softmax gave NaN there)
         empty = ~attn_mask.any(-1)
         if bool(empty.any()):
@@ -443,9 +445,16 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if use_cpu_chunked(q, k, v):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal)
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
+    N, M = q.shape[2], k.shape[2]
+    if is_causal and N != M:  # SDPA aligns is_causal top-left; the op's contract is tril(M - N)
+        mask = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+        is_causal = False
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]
+    if mask is not None and attn_mask is None and N > M:  # causal queries that see no key
+        out = out.clone()
+        out[:, :, : N - M] = 0.0
     if attn_mask is not None:
         empty = ~attn_mask.any(-1)
         # on CPUs reading the flag is free and usually spares a pass over the output

@@ -276,3 +276,15 @@ def test_pruned_bert_runs_under_inference_mode():
         again = small(**batch).last_hidden_state
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_causal_with_unequal_query_and_key_counts_on_both_routes():
+    """Query rows with no key to attend are 0 (not NaN) on the inference route too."""
+    q, k, v = torch.randn(1, 1, 4, 2), torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 3)
+    want = reference.attention(q, k, v, 0.5, None, True)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.sdpa_attention(q, k, v, 0.5, None, True), want)
+    with reference.sdpa_only():  # SDPA's route, whose is_causal is aligned top-left: given tril(M - N)
+        torch.testing.assert_close(reference.sdpa_attention(q, k, v, 0.5, None, True), want)
+        torch.testing.assert_close(reference.sdpa_attention(k, q, q[..., :3], 0.5, None, True),
+                                   reference.attention(k, q, q[..., :3], 0.5, None, True))

@@ -372,8 +372,9 @@ def sdpa_only():
 def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention`: fp32 CPU tensors, no
     autograd graph to record, SDPA's flash kernel not switched off (``sdpa_kernel(MATH)`` keeps
-    SDPA's math path exactly), not inside :func:`sdpa_only`, one head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer
-    sequences keep flash, whose memory does not grow with N·M), and either unequal qk / v widths
+    SDPA's math path exactly), not inside :func:`sdpa_only`, one head's (N, M) scores within
+    ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose memory does not grow with N·M),
+    and either unequal qk / v widths
     (flash would need them padded) or all scores in one chunk. Where flash takes the widths as
     they are and the scores span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
     if q.device.type != "cpu" or q.dtype != torch.float32:

@@ -312,6 +312,11 @@ def check_attention(q, k, v, scale, attn_mask=None, is_causal=False) -> None:
             raise ValueError("give attn_mask or is_causal, not both")
 
 
+def causal_keep(N: int, M: int, device=None) -> torch.Tensor:
+    """(N, M) bool: query i attends key j iff j <= i + M - N (the last query sees every key)."""
+    return torch.ones(N, M, dtype=torch.bool, device=device).tril(M - N)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
     """``softmax(q kᵀ · scale + mask) v`` where the qk width may differ from the v width and
@@ -327,8 +332,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if attn_mask is not None:
         allowed = attn_mask[:, None, None, :]
     if is_causal:
-        N, M = q.shape[2], k.shape[2]
-        allowed = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+        allowed = causal_keep(q.shape[2], k.shape[2], q.device)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -412,7 +416,8 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
         bias = bias.expand(B, H, 1, M).reshape(BH, 1, M)
     elif is_causal:  # query i attends keys j <= i + M - N
-        bias = torch.full((1, N, M), float("-inf"), dtype=q.dtype, device=q.device).triu_(M - N + 1)
+        bias = torch.zeros(1, N, M, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf"))
     step = max(1, min(BH, CPU_SCORE_CHUNK_BYTES // max(1, N * M * 4)))
     scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
     for i in range(0, BH, step):
@@ -448,7 +453,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
     N, M = q.shape[2], k.shape[2]
     if is_causal and N != M:  # SDPA aligns is_causal top-left; the op's contract is tril(M - N)
-        mask = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+        mask = causal_keep(N, M, q.device)
         is_causal = False
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)

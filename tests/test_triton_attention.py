@@ -153,6 +153,39 @@ def test_fully_masked_rows_give_zero_output_and_zero_grads(dtype):
     check_forward_backward(q, k, v, 0.5, attn_mask, False, dtype, msg="fully masked")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("ragged", [False, True], ids=["plain", "ragged"])
+def test_inf_and_nan_at_padding_keys_never_reach_outputs_or_gradients(dtype, ragged):
+    """k and v at padding positions load as zero: inf / NaN there (fp16 overflow in padded rows)
+    leaves the output and every gradient equal to those of the same inputs with zeros there."""
+    q, k, v = inputs((2, 3, 9, 6, 11), dtype)
+    attn_mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    attn_mask[1, 5:] = False
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[1, :, 5] = float("inf")
+    dirty_k[1, 0, 6, 2] = float("nan")
+    dirty_v[1, :, 7] = float("-inf")
+    dirty_v[1, 2, 8, 0] = float("nan")
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[1, :, 5:] = 0
+    clean_v[1, :, 5:] = 0
+    if ragged:
+        fn = lambda a, b, c, scale, m: tri.attention_ragged(a, b, c, scale, torch.tensor([6, 3, 5]), torch.tensor([11, 4, 7]), m)  # noqa: E731
+    else:
+        fn = tri.attention
+    g = torch.Generator().manual_seed(3)
+    do = torch.randn(2, 3, 9, 11, generator=g).to(dtype).to(DEVICE)
+    results = []
+    for kk, vv in ((dirty_k, dirty_v), (clean_k, clean_v)):
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
+        out = fn(qg, kg, vg, 0.4, attn_mask)
+        results.append((out, *torch.autograd.grad(out, (qg, kg, vg), do)))
+    for name, dirty, clean in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(dirty).all(), name
+        assert torch.equal(dirty, clean), name
+    assert torch.all(results[0][2][1, :, 5:] == 0) and torch.all(results[0][3][1, :, 5:] == 0)
+
+
 def test_non_contiguous_inputs():
     """(B, N, H, D) layouts transposed to (B, H, N, D), as attention layers produce them."""
     g = torch.Generator().manual_seed(5)

@@ -52,6 +52,17 @@ def _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK: tl.constexpr, IS_CAUSA
 
 
 @triton.jit
+def _key_ok(offs_n, M, mask_ptr, b, HAS_MASK: tl.constexpr):
+    """(BLOCK_N,) bool: key j exists and is not padding. k and v load as zero elsewhere, so that
+    an inf or NaN at a padding position cannot reach the output (p = 0 there, but 0 * inf = NaN)."""
+    ok = offs_n < M
+    if HAS_MASK:
+        km = tl.load(mask_ptr + b.to(tl.int64) * M + offs_n, mask=ok, other=0)
+        ok = ok & (km != 0)
+    return ok
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, qkw_ptr, vw_ptr,
     H, N, M, D, DV, scale,
@@ -87,7 +98,7 @@ def _attn_fwd_kernel(
         hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        nmask = offs_n < M
+        nmask = _key_ok(offs_n, M, mask_ptr, b, HAS_MASK)
         k = tl.load(k_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],
@@ -150,11 +161,12 @@ def _attn_bwd_dkdv_kernel(
     dmask = offs_d < d_lim
     dvmask = offs_dv < dv_lim
     nmask = offs_n < M
+    kok = _key_ok(offs_n, M, mask_ptr, b, HAS_MASK)
 
     k = tl.load(k_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
-                mask=nmask[:, None] & dmask[None, :], other=0.0)
+                mask=kok[:, None] & dmask[None, :], other=0.0)
     v = tl.load(v_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],
-                mask=nmask[:, None] & dvmask[None, :], other=0.0)
+                mask=kok[:, None] & dvmask[None, :], other=0.0)
     if F32_DOT:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -231,7 +243,7 @@ def _attn_bwd_dq_kernel(
         hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        nmask = offs_n < M
+        nmask = _key_ok(offs_n, M, mask_ptr, b, HAS_MASK)
         k = tl.load(k_ptr + bh * M * D + offs_n[:, None] * D + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_ptr + bh * M * DV + offs_n[:, None] * DV + offs_dv[None, :],

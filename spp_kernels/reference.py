@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
+import contextvars
 from typing import Callable, Optional
 
 import torch
@@ -325,12 +325,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     q: (B, H, N, D) float; k: (B, H, M, D); v: (B, H, M, Dv); scale: the *original* model's scale
     (pruning must not change it); attn_mask: (B, M) bool key-padding mask (True = attend) or None;
     is_causal: query i attends keys j <= i (N == M). Returns (B, H, N, Dv) in q's dtype; softmax in
-    fp32. A query row with no key to attend gives zeros."""
+    fp32. A query row with no key to attend gives zeros. Keys and values at masked-out (padding)
+    positions never reach the output, not even when they hold inf or NaN."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     allowed = None
     if attn_mask is not None:
         allowed = attn_mask[:, None, None, :]
+        v = v.masked_fill(~attn_mask[:, None, :, None], 0.0)  # p = 0 there, but 0 * inf is NaN
     if is_causal:
         allowed = causal_keep(q.shape[2], k.shape[2], q.device)
     if allowed is not None:
@@ -357,20 +359,32 @@ def pad_for_cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 CPU_SCORE_CHUNK_BYTES = 1 << 20
 
 
-_SDPA_ONLY = threading.local()
+_SDPA_ONLY: contextvars.ContextVar[int] = contextvars.ContextVar("spp_sdpa_only", default=0)
 
 
 @contextlib.contextmanager
 def sdpa_only():
     """Within it the torch backend's attention takes SDPA everywhere, never the chunked CPU path.
     The search runs its teacher so: self-distillation needs the teacher's outputs to equal, bit for
-    bit at m = 1, those of the student, which records autograd and therefore runs SDPA."""
-    depth = getattr(_SDPA_ONLY, "depth", 0)
-    _SDPA_ONLY.depth = depth + 1
+    bit at m = 1, those of the student, which records autograd and therefore runs SDPA. The
+    setting lives in a context variable: threads and asyncio tasks each see their own."""
+    token = _SDPA_ONLY.set(_SDPA_ONLY.get() + 1)
     try:
         yield
     finally:
-        _SDPA_ONLY.depth = depth
+        _SDPA_ONLY.reset(token)
+
+
+def _transformed(*ts: torch.Tensor) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) wraps any of ``ts``: ``out=`` calls and
+    host reads of tensor values do not work inside those."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
+
+
+def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
+    """k and v with the masked-out key positions zeroed."""
+    drop = ~attn_mask[:, None, :, None]
+    return k.masked_fill(drop, 0.0), v.masked_fill(drop, 0.0)
 
 
 def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -379,13 +393,14 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     SDPA's math path exactly), not inside :func:`sdpa_only`, one head's (N, M) scores within
     ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose memory does not grow with N·M),
     and either unequal qk / v widths
-    (flash would need them padded) or all scores in one chunk. Where flash takes the widths as
+    (flash would need them padded) or all scores in one chunk; and no torch.func transform (vmap,
+    grad) wraps the inputs. Where flash takes the widths as
     they are and the scores span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32:
+    if q.device.type != "cpu" or q.dtype != torch.float32 or _transformed(q, k, v):
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    if getattr(_SDPA_ONLY, "depth", 0) or not torch.backends.cuda.flash_sdp_enabled():
+    if _SDPA_ONLY.get() or not torch.backends.cuda.flash_sdp_enabled():
         return False
     B, H, N, D = q.shape
     head = N * k.shape[2] * 4
@@ -446,8 +461,25 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     the widths, its math path elsewhere; on CPUs unequal qk/v widths are zero-padded to the larger
     one, which keeps the flash kernel), with rows that attend to no key set to 0 as in the reference.
     fp32 inference on CPUs at moderate sequence lengths takes :func:`cpu_chunked_attention`
-    instead (see :func:`use_cpu_chunked`)."""
+    instead (see :func:`use_cpu_chunked`).
+
+    As in the reference, keys and values at masked-out positions never reach the output even when
+    they are inf or NaN (an additive mask alone would let them through). On CPUs a non-finite sum
+    of the output sends the call round once more with them zeroed (reading the sum costs about 2 %
+    of the call; zeroing every time would cost 10-20 %); on other devices and inside torch.func
+    transforms, where reading a value back is not free or not possible, they are zeroed first."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
+    host = q.device.type == "cpu" and not _transformed(q, k, v)
+    if attn_mask is not None and not host:
+        k, v = _drop_masked(k, v, attn_mask)
+    out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
+    if attn_mask is not None and host and not math.isfinite(float(out.detach().sum())):
+        k, v = _drop_masked(k, v, attn_mask)
+        out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
+    return out
+
+
+def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.Tensor:
     if use_cpu_chunked(q, k, v):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal)
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
@@ -464,6 +496,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if attn_mask is not None:
         empty = ~attn_mask.any(-1)
         # on CPUs reading the flag is free and usually spares a pass over the output
-        if q.device.type != "cpu" or bool(empty.any()):
+        if not host or bool(empty.any()):
             out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out

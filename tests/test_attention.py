@@ -288,3 +288,90 @@ def test_causal_with_unequal_query_and_key_counts_on_both_routes():
         torch.testing.assert_close(reference.sdpa_attention(q, k, v, 0.5, None, True), want)
         torch.testing.assert_close(reference.sdpa_attention(k, q, q[..., :3], 0.5, None, True),
                                    reference.attention(k, q, q[..., :3], 0.5, None, True))
+
+
+@pytest.mark.parametrize("route", ["reference", "chunked", "sdpa", "sdpa_grad", "bf16"])
+def test_inf_and_nan_at_padding_keys_never_reach_the_output(route):
+    """A masked-out key holding inf or NaN (fp16 overflow in a padded row) leaves the output equal
+    to that of the same inputs with zeros there, on every route of the torch backend; an additive
+    mask alone would turn the whole batch row into NaN."""
+    dtype = torch.bfloat16 if route == "bf16" else torch.float32
+    q, k, v = inputs((2, 3, 6, 5, 7), dtype, seed=4)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[1, :, 4] = float("inf")
+    dirty_k[1, 0, 5, 0] = float("nan")
+    dirty_v[1, :, 5] = float("-inf")
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[1, :, 4:] = 0.0
+    clean_v[1, :, 4:] = 0.0
+    fn = reference.attention if route == "reference" else reference.sdpa_attention
+    ctx = reference.sdpa_only if route == "sdpa" else torch.no_grad
+    if route == "sdpa_grad":
+        q = q.requires_grad_()
+        ctx = torch.enable_grad
+    with ctx():
+        if route != "reference":
+            assert reference.use_cpu_chunked(q, k, v) == (route == "chunked")
+        got = fn(q, dirty_k, dirty_v, 0.4, mask)
+        want = fn(q, clean_k, clean_v, 0.4, mask)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if route == "sdpa_grad":
+        (gq,) = torch.autograd.grad(got.sum(), q)
+        assert torch.isfinite(gq).all()
+    # a non-finite key that is attended still reaches the output, as in the reference
+    with ctx():
+        assert not torch.isfinite(fn(q, dirty_k, dirty_v, 0.4, None)[1]).all()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("masking", ["none", "padding", "causal"])
+def test_vmap_over_the_torch_backend(masking):
+    """torch.func.vmap over the op (fp32 CPU, where the inference route would use out= calls and
+    host reads) gives the per-sample results."""
+    q, k, v = (torch.randn(4, *t.shape[1:], generator=torch.Generator().manual_seed(i))
+               for i, t in enumerate(inputs((1, 2, 6, 5, 7), torch.float32)))
+    mask = padding_mask(4, 6) if masking == "padding" else None
+    causal = masking == "causal"
+    if mask is None:
+        batched = torch.func.vmap(lambda a, b, c: reference.sdpa_attention(a[None], b[None], c[None], 0.3, None, causal))
+        got = batched(q, k, v)[:, 0]
+    else:
+        batched = torch.func.vmap(lambda a, b, c, m: reference.sdpa_attention(a[None], b[None], c[None], 0.3, m[None]))
+        got = batched(q, k, v, mask)[:, 0]
+    with torch.no_grad():
+        want = reference.sdpa_attention(q, k, v, 0.3, mask, causal)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_only_is_scoped_to_its_context():
+    """sdpa_only is a context variable: a thread started inside it, and an asyncio task created
+    outside it, do not see it."""
+    import asyncio
+    import threading
+
+    q, k, v = inputs((1, 2, 6, 5, 7), torch.float32)
+    seen = {}
+    with reference.sdpa_only():
+        assert not reference.use_cpu_chunked(q, k, v)
+        t = threading.Thread(target=lambda: seen.setdefault("thread", reference.use_cpu_chunked(q, k, v)))
+        t.start()
+        t.join()
+
+    async def main():
+        async def inside():
+            with reference.sdpa_only():
+                await asyncio.sleep(0.01)
+                return reference.use_cpu_chunked(q, k, v)
+
+        async def outside():
+            await asyncio.sleep(0.005)  # runs while `inside` holds sdpa_only
+            return reference.use_cpu_chunked(q, k, v)
+
+        return await asyncio.gather(inside(), outside())
+
+    assert seen["thread"] is True
+    assert asyncio.run(main()) == [False, True]
+    assert reference.use_cpu_chunked(q, k, v)

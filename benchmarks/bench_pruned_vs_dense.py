@@ -120,7 +120,12 @@ def main():
     ap.add_argument("--latency", nargs="*", type=float, default=None,
                     help="also latency targets (a table is profiled first at the largest batch)")
     ap.add_argument("--quick", action="store_true", help="one target, batch 1, 3 repeats")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="retain (default): glibc keeps freed memory, so neither model pays page faults per "
+                    "forward; default: the C library as it comes (see spp.bench.retain_freed_memory)")
     args = ap.parse_args()
+    if args.malloc == "retain" and not bench.retain_freed_memory():
+        print("--malloc retain: not a glibc C library; the allocator runs as it comes", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -186,6 +186,8 @@ def pruned_tables(path: str) -> list[str]:
     if not rows:
         return []
     dev = rows[0]["device"]
+    mallocs = sorted({r.get("malloc") or "not recorded" for r in rows})
+    dev += f"; malloc: {', '.join(mallocs)}"
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
              f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}"] for r in rows]

@@ -271,6 +271,8 @@ def cmd_bench(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.malloc == "retain":
+        bench.retain_freed_memory()
     model, tok = _load_text_model(a.model)
     sents = _heldout(a.text, max(a.batches))
     if len(sents) < max(a.batches):
@@ -449,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--points", type=_positive, default=9, help="--profile: widths per pair type")
     b.add_argument("--repeats", type=_positive, default=7)
     b.add_argument("--threads", type=_positive, default=None)
+    b.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                   help="retain (default): glibc keeps freed memory, so no model pays page faults per forward "
+                   "(recorded in the CSV's malloc column)")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="which backend serves each op, and the supported model families")

@@ -364,10 +364,11 @@ _SDPA_ONLY: contextvars.ContextVar[int] = contextvars.ContextVar("spp_sdpa_only"
 
 @contextlib.contextmanager
 def sdpa_only():
-    """Within it the torch backend's attention takes SDPA everywhere, never the chunked CPU path.
-    The search runs its teacher so: self-distillation needs the teacher's outputs to equal, bit for
-    bit at m = 1, those of the student, which records autograd and therefore runs SDPA. The
-    setting lives in a context variable: threads and asyncio tasks each see their own."""
+    """Within it the torch backend's attention takes SDPA everywhere, never the chunked CPU path:
+    for comparing against a model that runs SDPA, or to rule the chunked route out. (The route
+    depends on shapes, dtype and these switches only, never on autograd, so a no-grad teacher and
+    a student that records a graph take the same one and agree bit for bit at m = 1.) The setting
+    lives in a context variable: threads and asyncio tasks each see their own."""
     token = _SDPA_ONLY.set(_SDPA_ONLY.get() + 1)
     try:
         yield
@@ -388,17 +389,14 @@ def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
 
 
 def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention`: fp32 CPU tensors, no
-    autograd graph to record, SDPA's flash kernel not switched off (``sdpa_kernel(MATH)`` keeps
-    SDPA's math path exactly), not inside :func:`sdpa_only`, one head's (N, M) scores within
-    ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose memory does not grow with N·M),
-    and either unequal qk / v widths
-    (flash would need them padded) or all scores in one chunk; and no torch.func transform (vmap,
-    grad) wraps the inputs. Where flash takes the widths as
-    they are and the scores span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
+    """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention` (inference and training
+    alike): fp32 CPU tensors that no torch.func transform (vmap, grad) wraps; SDPA's flash kernel
+    not switched off (``sdpa_kernel(MATH)`` keeps SDPA's math path exactly); not inside
+    :func:`sdpa_only`; one head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer sequences
+    keep flash, whose memory does not grow with N·M); and either unequal qk / v widths (flash
+    would need them padded) or all scores in one chunk. Where flash takes the widths as they are
+    and the scores span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or _transformed(q, k, v):
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     if _SDPA_ONLY.get() or not torch.backends.cuda.flash_sdp_enabled():
         return False
@@ -409,15 +407,58 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return D != v.shape[-1] or B * H * head <= CPU_SCORE_CHUNK_BYTES
 
 
+def _chunk_bias(q: torch.Tensor, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
+    """The additive 0 / -inf score bias of the chunked route: (B*H, 1, M) for key padding,
+    (1, N, M) for causal, or None."""
+    if attn_mask is not None:
+        B = attn_mask.shape[0]
+        bias = torch.zeros(B, 1, 1, M, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
+        return bias.expand(B, H, 1, M).reshape(B * H, 1, M)
+    if is_causal:  # query i attends keys j <= i + M - N
+        bias = torch.zeros(1, N, M, dtype=q.dtype, device=q.device)
+        return bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf"))
+    return None
+
+
+def _chunk_probs(s: torch.Tensor, q3, k3, bias, scale: float, i: int, j: int) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) of (batch, head) pairs i:j, in place in ``s``."""
+    kt = k3[i:j].transpose(1, 2)
+    if bias is None:
+        torch.baddbmm(s, q3[i:j], kt, beta=0.0, alpha=scale, out=s)
+    else:
+        torch.baddbmm(bias[i:j] if bias.shape[0] > 1 else bias, q3[i:j], kt, alpha=scale, out=s)
+    return torch.softmax(s, -1, out=s)
+
+
+def _chunk_step(N: int, M: int, BH: int) -> int:
+    return max(1, min(BH, CPU_SCORE_CHUNK_BYTES // max(1, N * M * 4)))
+
+
+def _no_key_rows(attn_mask: Optional[torch.Tensor], is_causal: bool, N: int, M: int) -> bool:
+    """Whether some query row attends to no key (its softmax is NaN on the chunked route)."""
+    if is_causal:
+        return N > M
+    return attn_mask is not None and not bool(attn_mask.any(-1).all())
+
+
 def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                           attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-    """fp32 CPU inference attention at the pruned widths as they are: per chunk of (batch, head)
-    pairs, ``baddbmm`` (scale and mask bias folded in) → softmax in place → ``bmm`` into the output.
-    Chunks hold at most ``CPU_SCORE_CHUNK_BYTES`` of scores so they stay in cache.
+    """fp32 CPU attention at the pruned widths as they are: per chunk of (batch, head) pairs,
+    ``baddbmm`` (scale and mask bias folded in) → softmax in place → ``bmm`` into the output.
+    Chunks hold at most ``CPU_SCORE_CHUNK_BYTES`` of scores so they stay in cache. Differentiable:
+    the backward recomputes each chunk's probabilities (nothing of size N·M is kept).
 
     On a 2-core CPU at 128 tokens and 12 heads this is 1.3-3x faster than SDPA's flash kernel,
     which needs equal qk / v widths (so pruned widths are padded) and is slower still at odd ones
-    (benchmarks/bench_attention.py). No padding: compute falls with both widths."""
+    (benchmarks/bench_attention.py); forward + backward about 1.4x at qk 24 / v 32 and 1.2x at
+    equal widths. No padding: compute falls with both widths."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal)
+    return _chunked_forward(q, k, v, scale, attn_mask, is_causal)
+
+
+def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[-1]
     BH = B * H
@@ -425,26 +466,13 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     out = torch.empty(BH, N, Dv, dtype=q.dtype, device=q.device)
     if BH == 0 or N == 0:
         return out.view(B, H, N, Dv)
-    bias = None
-    if attn_mask is not None:  # (B, M) keep -> (B*H, 1, M) additive 0 / -inf
-        bias = torch.zeros(B, 1, 1, M, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
-        bias = bias.expand(B, H, 1, M).reshape(BH, 1, M)
-    elif is_causal:  # query i attends keys j <= i + M - N
-        bias = torch.zeros(1, N, M, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf"))
-    step = max(1, min(BH, CPU_SCORE_CHUNK_BYTES // max(1, N * M * 4)))
+    bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
+    step = _chunk_step(N, M, BH)
     scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
     for i in range(0, BH, step):
         j = min(BH, i + step)
-        s = scores[: j - i]
-        kt = k3[i:j].transpose(1, 2)
-        if bias is None:
-            torch.baddbmm(s, q3[i:j], kt, beta=0.0, alpha=scale, out=s)
-        else:
-            torch.baddbmm(bias[i:j] if bias.shape[0] == BH else bias, q3[i:j], kt, alpha=scale, out=s)
-        torch.softmax(s, -1, out=s)
-        torch.bmm(s, v3[i:j], out=out[i:j])
+        p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
+        torch.bmm(p, v3[i:j], out=out[i:j])
     out = out.view(B, H, N, Dv)
     if is_causal and N > M:  # queries i < N - M see no key: zeros, as in the reference
         out[:, :, : N - M] = 0.0
@@ -453,6 +481,53 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         if bool(empty.any()):
             out[empty] = 0.0
     return out
+
+
+class _CpuChunkedAttention(torch.autograd.Function):
+    """The chunked route with its own backward, chunk by chunk: P recomputed, dV = Pᵀ dO,
+    dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = scale · dS K, dK = scale · dSᵀ Q."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, attn_mask, is_causal):
+        out = _chunked_forward(q, k, v, scale, attn_mask, is_causal)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.scale, ctx.attn_mask, ctx.is_causal = scale, attn_mask, is_causal
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, out = ctx.saved_tensors
+        scale, attn_mask, is_causal = ctx.scale, ctx.attn_mask, ctx.is_causal
+        B, H, N, D = q.shape
+        M, Dv = k.shape[2], v.shape[-1]
+        BH = B * H
+        dq = torch.zeros(BH, N, D, dtype=q.dtype, device=q.device)
+        dk = torch.zeros(BH, M, D, dtype=q.dtype, device=q.device)
+        dv = torch.zeros(BH, M, Dv, dtype=q.dtype, device=q.device)
+        if BH == 0 or N == 0 or M == 0:
+            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None, None
+        q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
+        do3 = do.reshape(BH, N, Dv)
+        delta = (do3 * out.reshape(BH, N, Dv)).sum(-1, keepdim=True)  # rowsum(dO ⊙ O)
+        bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
+        no_key = _no_key_rows(attn_mask, is_causal, N, M)
+        step = _chunk_step(N, M, BH)
+        scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
+        dscores = torch.empty_like(scores)
+        for i in range(0, BH, step):
+            j = min(BH, i + step)
+            p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
+            if no_key:  # rows with no key: P = 0 there (softmax gave NaN), so they pass no gradient
+                p.nan_to_num_(nan=0.0)
+            torch.bmm(p.transpose(1, 2), do3[i:j], out=dv[i:j])
+            ds = torch.bmm(do3[i:j], v3[i:j].transpose(1, 2), out=dscores[: j - i])
+            ds.sub_(delta[i:j]).mul_(p)
+            torch.bmm(ds, k3[i:j], out=dq[i:j])
+            torch.bmm(ds.transpose(1, 2), q3[i:j], out=dk[i:j])
+        dq.mul_(scale)
+        dk.mul_(scale)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None, None
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

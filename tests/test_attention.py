@@ -1,6 +1,7 @@
 """The attention op of pruned layers: qk width != v width, odd widths, key padding and causal
 masks, the explicit (original) scale. The reference and the torch (SDPA) backend against a
 float64 oracle, per-dtype tolerances from tests/tolerances.py."""
+import contextlib
 import math
 
 import pytest
@@ -69,7 +70,7 @@ def test_public_op_dispatches_to_sdpa_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("chunk_heads", [1, 2, 5, 100], ids=lambda c: f"chunk{c}")
-@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_short_q", "empty_row"])
+@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_short_q", "causal_long_q", "empty_row"])
 def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, masking):
     """The fp32 CPU inference path of the torch backend (batched GEMM → softmax → GEMM in chunks
     of (batch, head) pairs) against the float64 oracle, with chunks that split batch rows and heads
@@ -78,6 +79,8 @@ def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, mask
     B, H, N, M, D, Dv = 3, 3, 7, 7, 5, 9
     if masking == "causal_short_q":
         N = 4
+    if masking == "causal_long_q":  # the first N - M queries see no key
+        N = 9
     g = torch.Generator().manual_seed(11)
     q = torch.randn(B, H, N, D, generator=g)
     k, v = torch.randn(B, H, M, D, generator=g), torch.randn(B, H, M, Dv, generator=g)
@@ -97,11 +100,36 @@ def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, mask
     # non-contiguous inputs (a transposed projection's view) give the same numbers
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(reference.sdpa_attention(qt, k, v, 0.37, mask, causal), out, rtol=0, atol=0)
+    # the backward, chunk by chunk, against float64 autograd through the oracle
+    qg, kg, vg = (t.clone().requires_grad_() for t in (qt, k, v))
+    got = reference.sdpa_attention(qg, kg, vg, 0.37, mask, causal)
+    torch.testing.assert_close(got, out, rtol=0, atol=0)  # autograd does not change the forward
+    do = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad(got, (qg, kg, vg), do)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(oracle_attention(q64, k64, v64, 0.37, mask, causal), (q64, k64, v64), do.double())
+    for name, a, b in zip("qkv", grads, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5, msg=f"d{name} {masking}")
+    if masking == "empty_row":
+        assert all(torch.all(gr[1] == 0) for gr in grads)
+    if masking == "causal_long_q":
+        assert torch.all(out[:, :, :2] == 0) and torch.all(grads[0][:, :, :2] == 0)
 
 
-def test_cpu_chunked_path_is_taken_only_for_fp32_inference_at_moderate_lengths(monkeypatch):
-    """Autograd, half dtypes, ``sdpa_kernel(MATH)`` and sequences whose per-head scores exceed the
-    chunk budget keep SDPA; gradients through the op are SDPA's."""
+def test_cpu_chunked_backward_is_once_differentiable():
+    """The chunked route's backward is not itself differentiable: asking for a second derivative
+    raises instead of returning a wrong one."""
+    q, k, v = (t.requires_grad_() for t in inputs((1, 2, 5, 3, 4), torch.float32))
+    out = reference.sdpa_attention(q, k, v, 0.5)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gq.sum().backward()
+
+
+def test_cpu_chunked_path_is_taken_only_for_fp32_at_moderate_lengths(monkeypatch):
+    """Half dtypes, ``sdpa_kernel(MATH)``, ``sdpa_only`` and sequences whose per-head scores exceed
+    the chunk budget keep SDPA; autograd takes the chunked route too, with its own backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = inputs((2, 2, 6, 5, 7), torch.float32)
@@ -124,10 +152,9 @@ def test_cpu_chunked_path_is_taken_only_for_fp32_inference_at_moderate_lengths(m
     assert not reference.use_cpu_chunked(qe, ke, ve) and reference.use_cpu_chunked(q, k, v)
     monkeypatch.undo()
     qg = q.clone().requires_grad_()
-    assert not reference.use_cpu_chunked(qg, k, v)
-    with torch.no_grad():
-        assert reference.use_cpu_chunked(qg, k, v)
+    assert reference.use_cpu_chunked(qg, k, v)
     out = reference.sdpa_attention(qg, k, v, 0.3)
+    assert out.grad_fn is not None and "CpuChunked" in type(out.grad_fn).__name__
     out.square().sum().backward()
     q64 = q.double().requires_grad_()
     oracle_attention(q64, k, v, 0.3).square().sum().backward()
@@ -290,11 +317,11 @@ def test_causal_with_unequal_query_and_key_counts_on_both_routes():
                                    reference.attention(k, q, q[..., :3], 0.5, None, True))
 
 
-@pytest.mark.parametrize("route", ["reference", "chunked", "sdpa", "sdpa_grad", "bf16"])
+@pytest.mark.parametrize("route", ["reference", "chunked", "chunked_grad", "sdpa", "sdpa_grad", "bf16"])
 def test_inf_and_nan_at_padding_keys_never_reach_the_output(route):
-    """A masked-out key holding inf or NaN (fp16 overflow in a padded row) leaves the output equal
-    to that of the same inputs with zeros there, on every route of the torch backend; an additive
-    mask alone would turn the whole batch row into NaN."""
+    """A masked-out key holding inf or NaN (fp16 overflow in a padded row) leaves the output and
+    the gradients equal to those of the same inputs with zeros there, on every route of the torch
+    backend; an additive mask alone would turn the whole batch row into NaN."""
     dtype = torch.bfloat16 if route == "bf16" else torch.float32
     q, k, v = inputs((2, 3, 6, 5, 7), dtype, seed=4)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -307,23 +334,27 @@ def test_inf_and_nan_at_padding_keys_never_reach_the_output(route):
     clean_k[1, :, 4:] = 0.0
     clean_v[1, :, 4:] = 0.0
     fn = reference.attention if route == "reference" else reference.sdpa_attention
-    ctx = reference.sdpa_only if route == "sdpa" else torch.no_grad
-    if route == "sdpa_grad":
-        q = q.requires_grad_()
-        ctx = torch.enable_grad
-    with ctx():
-        if route != "reference":
-            assert reference.use_cpu_chunked(q, k, v) == (route == "chunked")
-        got = fn(q, dirty_k, dirty_v, 0.4, mask)
-        want = fn(q, clean_k, clean_v, 0.4, mask)
+    grad = route.endswith("_grad")
+    sdpa = route.startswith("sdpa")
+
+    def run(kk, vv, m=mask):
+        qg, kg, vg = (t.clone().requires_grad_(grad) for t in (q, kk, vv))
+        with reference.sdpa_only() if sdpa else contextlib.nullcontext(), torch.set_grad_enabled(grad):
+            if route != "reference":
+                assert reference.use_cpu_chunked(qg, kg, vg) == route.startswith("chunked")
+            out = fn(qg, kg, vg, 0.4, m)
+            if not grad:
+                return out, ()
+            return out, torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+
+    (got, got_grads), (want, want_grads) = run(dirty_k, dirty_v), run(clean_k, clean_v)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    if route == "sdpa_grad":
-        (gq,) = torch.autograd.grad(got.sum(), q)
-        assert torch.isfinite(gq).all()
+    for a, b in zip(got_grads, want_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     # a non-finite key that is attended still reaches the output, as in the reference
-    with ctx():
-        assert not torch.isfinite(fn(q, dirty_k, dirty_v, 0.4, None)[1]).all()
+    assert not torch.isfinite(run(dirty_k, dirty_v, None)[0][1]).all()
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")

@@ -124,7 +124,7 @@ def main(argv=None) -> None:
         providers = {"spp_cpu": reference.sdpa_attention, **providers}
         print("CPU: skipping the spp_triton rows (only Triton's interpreter runs on CPU; its timings mean "
               "nothing). spp_cpu is the op's torch backend that pruned layers use on CPUs (chunked "
-              "GEMM-softmax-GEMM at the pruned widths for fp32 inference where it applies, else SDPA).")
+              "GEMM-softmax-GEMM at the pruned widths in fp32 where it applies, with its own backward; else SDPA).")
 
     dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention_{device.type}.csv")

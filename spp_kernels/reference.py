@@ -451,8 +451,9 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
     On a 2-core CPU at 128 tokens and 12 heads this is 1.3-3x faster than SDPA's flash kernel,
     which needs equal qk / v widths (so pruned widths are padded) and is slower still at odd ones
-    (benchmarks/bench_attention.py); forward + backward about 1.4x at qk 24 / v 32 and 1.2x at
-    equal widths. No padding: compute falls with both widths."""
+    (benchmarks/bench_attention.py); forward + backward 0.95-1.6x SDPA on the padded widths
+    there (no gain where the padding is small, 23 / 37 → 40). No padding: compute falls with both
+    widths."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal)
     return _chunked_forward(q, k, v, scale, attn_mask, is_causal)

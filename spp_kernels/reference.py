@@ -503,11 +503,11 @@ class _CpuChunkedAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[-1]
         BH = B * H
-        dq = torch.zeros(BH, N, D, dtype=q.dtype, device=q.device)
-        dk = torch.zeros(BH, M, D, dtype=q.dtype, device=q.device)
-        dv = torch.zeros(BH, M, Dv, dtype=q.dtype, device=q.device)
+        dq = torch.empty(BH, N, D, dtype=q.dtype, device=q.device)
+        dk = torch.empty(BH, M, D, dtype=q.dtype, device=q.device)
+        dv = torch.empty(BH, M, Dv, dtype=q.dtype, device=q.device)
         if BH == 0 or N == 0 or M == 0:
-            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None, None
+            return dq.zero_().view(q.shape), dk.zero_().view(k.shape), dv.zero_().view(v.shape), None, None, None
         q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
         do3 = do.reshape(BH, N, Dv)
         delta = (do3 * out.reshape(BH, N, Dv)).sum(-1, keepdim=True)  # rowsum(dO ⊙ O)
@@ -549,7 +549,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if attn_mask is not None and not host:
         k, v = _drop_masked(k, v, attn_mask)
     out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
-    if attn_mask is not None and host and not math.isfinite(float(out.detach().sum())):
+    if attn_mask is not None and host and not bool(attn_mask.all()) and not math.isfinite(float(out.detach().sum())):
         k, v = _drop_masked(k, v, attn_mask)
         out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
     return out

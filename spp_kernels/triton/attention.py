@@ -40,18 +40,6 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: key j exists, is not padding, and is not in the causal future."""
-    ok = (offs_m[:, None] >= 0) & (offs_n[None, :] < M)
-    if HAS_MASK:
-        km = tl.load(mask_ptr + b.to(tl.int64) * M + offs_n, mask=offs_n < M, other=0)
-        ok = ok & (km[None, :] != 0)
-    if IS_CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
-    return ok
-
-
-@triton.jit
 def _key_ok(offs_n, M, mask_ptr, b, HAS_MASK: tl.constexpr):
     """(BLOCK_N,) bool: key j exists and is not padding. k and v load as zero elsewhere, so that
     an inf or NaN at a padding position cannot reach the output (p = 0 there, but 0 * inf = NaN)."""
@@ -59,6 +47,16 @@ def _key_ok(offs_n, M, mask_ptr, b, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         km = tl.load(mask_ptr + b.to(tl.int64) * M + offs_n, mask=ok, other=0)
         ok = ok & (km != 0)
+    return ok
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, key_ok, N, M, IS_CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key j is allowed (``key_ok``, from :func:`_key_ok`) and is not in
+    the causal future of query i."""
+    ok = (offs_m[:, None] >= 0) & key_ok[None, :]
+    if IS_CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
     return ok
 
 
@@ -107,7 +105,7 @@ def _attn_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), IEEE) * scale
-        ok = _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK, IS_CAUSAL)
+        ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: no NaN
@@ -190,7 +188,7 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + bh * N + offs_m, mask=mmask, other=float("inf"))
         delta = tl.load(delta_ptr + bh * N + offs_m, mask=mmask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * scale
-        ok = _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK, IS_CAUSAL)
+        ok = _allowed(offs_m, offs_n, kok, N, M, IS_CAUSAL)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no key): p = 0
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -252,7 +250,7 @@ def _attn_bwd_dq_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), IEEE) * scale
-        ok = _allowed(offs_m, offs_n, N, M, mask_ptr, b, HAS_MASK, IS_CAUSAL)
+        ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])

@@ -328,11 +328,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     fp32. A query row with no key to attend gives zeros. Keys and values at masked-out (padding)
     positions never reach the output, not even when they hold inf or NaN."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     allowed = None
     if attn_mask is not None:
         allowed = attn_mask[:, None, None, :]
-        v = v.masked_fill(~attn_mask[:, None, :, None], 0.0)  # p = 0 there, but 0 * inf is NaN
+        k, v = _drop_masked(k, v, attn_mask)  # p = 0 there, but 0 * inf is NaN (in dq = dS k too)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if is_causal:
         allowed = causal_keep(q.shape[2], k.shape[2], q.device)
     if allowed is not None:
@@ -347,15 +347,18 @@ def pad_for_cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     needs equal widths and the math path it otherwise falls back to is ~2x slower than flash at the
     larger width. Zero channels change neither q·kᵀ nor the first ``Dv`` output channels (slice
     them back). Nothing is padded on other devices, for equal widths, or when the flash kernel
-    is switched off (``sdpa_kernel(MATH)``: padding would only add work there)."""
+    is switched off (``sdpa_kernel(MATH)``: padding would only add work there); under
+    torch.compile, which cannot read that switch, unequal widths are always padded."""
     D, Dv = q.shape[-1], v.shape[-1]
-    if D == Dv or q.device.type != "cpu" or not torch.backends.cuda.flash_sdp_enabled():
+    if D == Dv or q.device.type != "cpu":
+        return q, k, v
+    if not torch.compiler.is_compiling() and not torch.backends.cuda.flash_sdp_enabled():
         return q, k, v
     w = max(D, Dv)
     return F.pad(q, (0, w - D)), F.pad(k, (0, w - D)), F.pad(v, (0, w - Dv))
 
 
-# Score bytes one batched-GEMM chunk of the CPU inference path may hold (see cpu_chunked_attention).
+# Score bytes one batched-GEMM chunk of the CPU chunked path may hold (see cpu_chunked_attention).
 CPU_SCORE_CHUNK_BYTES = 1 << 20
 
 
@@ -376,10 +379,12 @@ def sdpa_only():
         _SDPA_ONLY.reset(token)
 
 
-def _transformed(*ts: torch.Tensor) -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) wraps any of ``ts``: ``out=`` calls and
-    host reads of tensor values do not work inside those."""
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
+def _host_reads_ok(*ts: Optional[torch.Tensor]) -> bool:
+    """False under torch.compile and where a torch.func transform (vmap, grad, jvp) wraps any of
+    ``ts``: ``out=`` calls and host reads of tensor values break the graph or fail there."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
 
 
 def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
@@ -388,15 +393,17 @@ def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
     return k.masked_fill(drop, 0.0), v.masked_fill(drop, 0.0)
 
 
-def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention` (inference and training
-    alike): fp32 CPU tensors that no torch.func transform (vmap, grad) wraps; SDPA's flash kernel
-    not switched off (``sdpa_kernel(MATH)`` keeps SDPA's math path exactly); not inside
-    :func:`sdpa_only`; one head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer sequences
-    keep flash, whose memory does not grow with N·M); and either unequal qk / v widths (flash
-    would need them padded) or all scores in one chunk. Where flash takes the widths as they are
-    and the scores span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or _transformed(q, k, v):
+    alike): fp32 CPU tensors that no torch.func transform (vmap, grad) wraps, outside
+    torch.compile (compiled graphs keep SDPA); SDPA's flash kernel not switched off
+    (``sdpa_kernel(MATH)`` keeps SDPA's math path exactly); not inside :func:`sdpa_only`; one
+    head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose
+    memory does not grow with N·M); and either unequal qk / v widths (flash would need them
+    padded) or all scores in one chunk. Where flash takes the widths as they are and the scores
+    span several chunks, flash was as fast or faster (MiniLM, batch 64)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or not _host_reads_ok(q, k, v, attn_mask):
         return False
     if _SDPA_ONLY.get() or not torch.backends.cuda.flash_sdp_enabled():
         return False
@@ -536,27 +543,31 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """The torch backend of :func:`attention`: PyTorch's SDPA (its fast kernels where they accept
     the widths, its math path elsewhere; on CPUs unequal qk/v widths are zero-padded to the larger
     one, which keeps the flash kernel), with rows that attend to no key set to 0 as in the reference.
-    fp32 inference on CPUs at moderate sequence lengths takes :func:`cpu_chunked_attention`
-    instead (see :func:`use_cpu_chunked`).
+    fp32 on CPUs at moderate sequence lengths takes :func:`cpu_chunked_attention` instead (see
+    :func:`use_cpu_chunked`).
 
-    As in the reference, keys and values at masked-out positions never reach the output even when
-    they are inf or NaN (an additive mask alone would let them through). On CPUs a non-finite sum
-    of the output sends the call round once more with them zeroed (reading the sum costs about 2 %
-    of the call; zeroing every time would cost 10-20 %); on other devices and inside torch.func
-    transforms, where reading a value back is not free or not possible, they are zeroed first."""
+    As in the reference, keys and values at masked-out positions reach neither the output nor the
+    gradients even when they are inf or NaN (an additive mask alone would let them through). On
+    CPUs a non-finite output sum sends the call round once more with them zeroed (reading the sum
+    costs about 2 % of the call; zeroing every time would cost 10-20 %). They are zeroed first where
+    a batch row masks every key (its output is set to 0, so the sum cannot see it, but its gradient
+    could), on other devices, inside torch.func transforms and under torch.compile, where reading a
+    value back is not free or not possible."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
-    host = q.device.type == "cpu" and not _transformed(q, k, v)
-    if attn_mask is not None and not host:
+    host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask)
+    check = attn_mask is not None and host and not bool(attn_mask.all())
+    if attn_mask is not None and (not host or (check and not bool(attn_mask.any(-1).all()))):
         k, v = _drop_masked(k, v, attn_mask)
+        check = False
     out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
-    if attn_mask is not None and host and not bool(attn_mask.all()) and not math.isfinite(float(out.detach().sum())):
+    if check and not math.isfinite(float(out.detach().sum(dtype=torch.float32))):
         k, v = _drop_masked(k, v, attn_mask)
         out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
     return out
 
 
 def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.Tensor:
-    if use_cpu_chunked(q, k, v):
+    if use_cpu_chunked(q, k, v, attn_mask):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal)
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
     N, M = q.shape[2], k.shape[2]

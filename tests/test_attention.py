@@ -317,31 +317,34 @@ def test_causal_with_unequal_query_and_key_counts_on_both_routes():
                                    reference.attention(k, q, q[..., :3], 0.5, None, True))
 
 
-@pytest.mark.parametrize("route", ["reference", "chunked", "chunked_grad", "sdpa", "sdpa_grad", "bf16"])
-def test_inf_and_nan_at_padding_keys_never_reach_the_output(route):
+@pytest.mark.parametrize("dropped", ["tail", "row"])
+@pytest.mark.parametrize("route", ["reference", "reference_grad", "chunked", "chunked_grad", "sdpa", "sdpa_grad", "bf16"])
+def test_inf_and_nan_at_padding_keys_never_reach_the_output(route, dropped):
     """A masked-out key holding inf or NaN (fp16 overflow in a padded row) leaves the output and
     the gradients equal to those of the same inputs with zeros there, on every route of the torch
-    backend; an additive mask alone would turn the whole batch row into NaN."""
+    backend, also where a batch row masks every key; an additive mask alone would turn the whole
+    batch row into NaN."""
     dtype = torch.bfloat16 if route == "bf16" else torch.float32
     q, k, v = inputs((2, 3, 6, 5, 7), dtype, seed=4)
     mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[1, 4:] = False
+    first = 4 if dropped == "tail" else 0
+    mask[1, first:] = False
     dirty_k, dirty_v = k.clone(), v.clone()
     dirty_k[1, :, 4] = float("inf")
     dirty_k[1, 0, 5, 0] = float("nan")
     dirty_v[1, :, 5] = float("-inf")
     clean_k, clean_v = k.clone(), v.clone()
-    clean_k[1, :, 4:] = 0.0
-    clean_v[1, :, 4:] = 0.0
-    fn = reference.attention if route == "reference" else reference.sdpa_attention
+    clean_k[1, :, first:] = 0.0
+    clean_v[1, :, first:] = 0.0
+    fn = reference.attention if route.startswith("reference") else reference.sdpa_attention
     grad = route.endswith("_grad")
     sdpa = route.startswith("sdpa")
 
     def run(kk, vv, m=mask):
         qg, kg, vg = (t.clone().requires_grad_(grad) for t in (q, kk, vv))
         with reference.sdpa_only() if sdpa else contextlib.nullcontext(), torch.set_grad_enabled(grad):
-            if route != "reference":
-                assert reference.use_cpu_chunked(qg, kg, vg) == route.startswith("chunked")
+            if not route.startswith("reference"):
+                assert reference.use_cpu_chunked(qg, kg, vg, m) == route.startswith("chunked")
             out = fn(qg, kg, vg, 0.4, m)
             if not grad:
                 return out, ()
@@ -375,6 +378,48 @@ def test_vmap_over_the_torch_backend(masking):
     with torch.no_grad():
         want = reference.sdpa_attention(q, k, v, 0.3, mask, causal)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_over_the_mask_alone():
+    """Only the key-padding mask batched by vmap (q, k, v shared): the per-mask results."""
+    q, k, v = inputs((1, 2, 6, 5, 7), torch.float32)
+    masks = padding_mask(4, 6)
+    got = torch.func.vmap(lambda m: reference.sdpa_attention(q, k, v, 0.3, m[None]))(masks)[:, 0]
+    with torch.no_grad():
+        want = torch.stack([reference.sdpa_attention(q, k, v, 0.3, m[None])[0] for m in masks])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masking", ["none", "padding"])
+def test_torch_backend_traces_whole_under_torch_compile(masking):
+    """fullgraph=True: no host read or out= call of the CPU route breaks the graph (compiled code
+    takes SDPA); values and gradients match eager."""
+    q, k, v = inputs((2, 2, 6, 5, 7), torch.float32)
+    mask = padding_mask(2, 6) if masking == "padding" else None
+    fn = torch.compile(lambda a, b, c: reference.sdpa_attention(a, b, c, 0.3, mask), backend="eager", fullgraph=True)
+    qg = q.clone().requires_grad_()
+    got = fn(qg, k, v)
+    (gq,) = torch.autograd.grad(got.square().sum(), qg)
+    qe = q.clone().requires_grad_()
+    want = reference.sdpa_attention(qe, k, v, 0.3, mask)
+    (wq,) = torch.autograd.grad(want.square().sum(), qe)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gq, wq, rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_check_reads_the_sum_in_fp32(monkeypatch):
+    """A finite fp16 output whose fp16 sum would overflow (65504) is not computed twice."""
+    calls = []
+    real = reference._torch_attention
+    monkeypatch.setattr(reference, "_torch_attention", lambda *a: calls.append(1) or real(*a))
+    q, k = torch.ones(8, 12, 64, 8, dtype=torch.float16), torch.zeros(8, 12, 64, 8, dtype=torch.float16)
+    v = torch.full((8, 12, 64, 8), 4.0, dtype=torch.float16)
+    mask = torch.ones(8, 64, dtype=torch.bool)
+    mask[:, 60:] = False
+    out = reference.sdpa_attention(q, k, v, 0.3, mask)
+    assert torch.isfinite(out).all() and float(out.float().sum()) > 65504
+    assert len(calls) == 1
 
 
 def test_sdpa_only_is_scoped_to_its_context():

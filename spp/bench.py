@@ -35,19 +35,24 @@ def retain_freed_memory(mmap_threshold: int = 1 << 28, trim_threshold: int = 1 <
     """Ask glibc to serve blocks up to ``mmap_threshold`` bytes from its heap and to keep up to
     ``trim_threshold`` freed bytes instead of returning them to the kernel, so that repeated
     forwards reuse pages instead of faulting fresh ones in. The process keeps its peak memory.
-    Returns False (and changes nothing) where the C library is not glibc."""
+    Returns False where the C library is not glibc or refuses a value; True once both are set."""
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+            raise ValueError(f"{name} must be an int in (0, 2**31) (mallopt takes a C int), got {value!r}")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
-        mmap_threshold = min(mmap_threshold, 32 << 20)  # older glibc caps the threshold at 32 MiB
-        if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
-            return False
-    if not mallopt(_M_TRIM_THRESHOLD, trim_threshold):
+    if not mallopt(_M_TRIM_THRESHOLD, trim_threshold):  # mallopt returns 1 on success
         return False
+    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
+        # glibc releases that bound M_MMAP_THRESHOLD by HEAP_MAX_SIZE / 2 take at most 32 MiB
+        mmap_threshold = min(mmap_threshold, 32 << 20)
+        if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
+            _MALLOC["setting"] = f"trim={trim_threshold >> 20}M only"
+            return False
     _MALLOC["setting"] = f"retain(mmap={mmap_threshold >> 20}M,trim={trim_threshold >> 20}M)"
     return True
 

@@ -271,8 +271,8 @@ def cmd_bench(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.malloc == "retain":
-        bench.retain_freed_memory()
+    if a.malloc == "retain" and not bench.retain_freed_memory():
+        print(f"--malloc retain: the C library refused (malloc column: {bench.malloc_setting()})")
     model, tok = _load_text_model(a.model)
     sents = _heldout(a.text, max(a.batches))
     if len(sents) < max(a.batches):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import spp
+from spp import bench
 from spp.latency import LatencyTable, predicted_ms, profile, width_grid
 from helpers import HEAD_DIM, HIDDEN, make, quiet_search
 
@@ -136,11 +137,11 @@ def test_cli_profile_then_prune_by_latency_then_bench(bert_dir, tmp_path):
                      "--latency", "0.5"]) == 2  # no table: a one-line error
     out = tmp_path / "bench"
     assert cli.main(["bench", "--model", model, "--path", str(bert_dir / "done"), "--out", str(out), "--flops", "0.5",
-                     "--round-to", "1", "--batches", "1", "--seq", "16", "--repeats", "2",
+                     "--round-to", "1", "--batches", "1", "--seq", "16", "--repeats", "2", "--malloc", "default",
                      "--text", str(bert_dir / "s.txt")]) == 0
     rows = list(csv.DictReader(open(out / "bench.csv")))
     assert len(rows) == 1 and rows[0]["target"] == "flops=0.5"
-    assert rows[0]["malloc"].startswith("retain(")  # spp bench keeps freed memory by default, and says so
+    assert rows[0]["malloc"] == bench.malloc_setting()  # the allocator setting is recorded (here left as it came)
     r = rows[0]
     assert 0.4 < float(r["flops_ratio"]) < 1.0 and float(r["speedup"]) > 0
     assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) * float(r["flops_ratio"]), abs=2e-3)

@@ -125,7 +125,7 @@ def main():
                     "forward; default: the C library as it comes (see spp.bench.retain_freed_memory)")
     args = ap.parse_args()
     if args.malloc == "retain" and not bench.retain_freed_memory():
-        print("--malloc retain: not a glibc C library; the allocator runs as it comes", flush=True)
+        print(f"--malloc retain: the C library refused (malloc column: {bench.malloc_setting()})", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)

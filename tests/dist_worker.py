@@ -15,6 +15,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 import spp  # noqa: E402
 from spp import distributed  # noqa: E402
@@ -47,21 +48,26 @@ def run(kind, steps, **kw):
         return spp.search(handle, data(), steps=steps, loss=loss, progress=False, **kw)
 
 
+@record  # an exception reaches torchrun's report with its traceback
 def main():
     out, steps = sys.argv[1], int(sys.argv[2])
     group = distributed.init_from_env()
-    assert group.world == 2, group.world
-    seen = {}
-    for kind in ("distill", "user", "fsdp"):
-        kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "checkpoint_every": 7} if kind == "distill" else {}
-        path = run(kind, steps, **kw)
-        seen[kind] = {"entry": path.entry.tolist(), "m_sum": float(path.m.sum()),
-                      "world_size": path.settings["world_size"]}
-        if group.is_main:
-            path.save(os.path.join(out, kind))
-    with open(os.path.join(out, f"rank{group.rank}.json"), "w") as f:
-        json.dump(seen, f)
-    torch.distributed.destroy_process_group()
+    try:
+        assert group.world == 2, group.world
+        seen = {}
+        for kind in ("distill", "user", "fsdp"):
+            kw = {"checkpoint_dir": os.path.join(out, "ckpt"), "checkpoint_every": 7} if kind == "distill" else {}
+            path = run(kind, steps, **kw)
+            seen[kind] = {"entry": path.entry.tolist(), "m_sum": float(path.m.sum()),
+                          "world_size": path.settings["world_size"]}
+            if group.is_main:
+                path.save(os.path.join(out, kind))
+        with open(os.path.join(out, f"rank{group.rank}.json"), "w") as f:
+            json.dump(seen, f)
+    finally:
+        # also on an exception: a gloo group left to interpreter shutdown aborts the process
+        # ("terminate called without an active exception") and hides the Python traceback
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

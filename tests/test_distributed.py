@@ -27,7 +27,7 @@ def torchrun_out(tmp_path_factory):
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
            str(HERE / "dist_worker.py"), str(out), str(STEPS)]  # --standalone: a free local rendezvous port
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-12000:]
     return out
 
 
@@ -102,7 +102,7 @@ def test_cli_search_under_torchrun_writes_the_single_process_path(bert_dir, tmp_
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     res = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "spp", *args, "--out",
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-12000:]
     assert res.stdout.count("path written to") == 1  # only rank 0 reports and writes
     import warnings
 

@@ -68,6 +68,25 @@ def test_latency_budget_is_met_and_follows_the_measured_costs(searched):
     assert stepped.meta["latency_kept_fraction_predicted"] <= 0.5
 
 
+def test_predicted_latency_never_exceeds_the_target_by_rounding(searched):
+    """A target read back as a fresh sum of the table (as a user computes it) differs from the
+    walk's running sum in the last bits; the budget still holds exactly, at every step of the walk."""
+    handle, path = searched
+    sizes = {p.kind: p.size for p in path.pairs}
+    table = synthetic(sizes, qk_cost=0.37)  # costs that do not add up exactly in binary
+    full = predicted_ms(table, {p.name: p.size for p in path.pairs}, path.pairs)
+    for frac in np.linspace(0.35, 0.999, 97):
+        masks = path.masks(latency=float(frac), table=table)
+        got = masks.meta["latency_kept_fraction_predicted"]
+        assert got <= frac
+        again = predicted_ms(table, masks.widths(), path.pairs) / full  # the same masks, summed afresh
+        redo = path.masks(latency=again, table=table)
+        assert redo.meta["latency_kept_fraction_predicted"] <= again
+    everything = path.masks(latency=1.0, table=table)
+    assert everything.meta["latency_kept_fraction_predicted"] == 1.0
+    assert everything.widths() == {p.name: p.size for p in path.pairs}
+
+
 def test_latency_argument_errors(searched):
     handle, path = searched
     table = synthetic({"qk": HEAD_DIM, "vo": HEAD_DIM, "mlp": 2 * HIDDEN})

@@ -477,11 +477,14 @@ def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
     bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
     step = _chunk_step(N, M, BH)
     scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
+    flip = _flip(Dv)
+    if flip:  # out holds Oᵀ per (batch, head): (BH, Dv, N), returned as a transposed view
+        out = out.view(BH, Dv, N)
     for i in range(0, BH, step):
         j = min(BH, i + step)
         p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
-        torch.bmm(p, v3[i:j], out=out[i:j])
-    out = out.view(B, H, N, Dv)
+        _bmm_into(p, v3[i:j], out[i:j], flip)
+    out = out.view(B, H, Dv, N).transpose(2, 3) if flip else out.view(B, H, N, Dv)
     if is_causal and N > M:  # queries i < N - M see no key: zeros, as in the reference
         out[:, :, : N - M] = 0.0
     if attn_mask is not None:  # batch rows with no key to attend: zeros (softmax gave NaN there)
@@ -510,14 +513,15 @@ class _CpuChunkedAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[-1]
         BH = B * H
-        dq = torch.empty(BH, N, D, dtype=q.dtype, device=q.device)
-        dk = torch.empty(BH, M, D, dtype=q.dtype, device=q.device)
-        dv = torch.empty(BH, M, Dv, dtype=q.dtype, device=q.device)
+        flip_qk, flip_v = _flip(D), _flip(Dv)  # gradients of odd widths are computed transposed
+        dq = _grad_buffer(BH, N, D, flip_qk, q)
+        dk = _grad_buffer(BH, M, D, flip_qk, q)
+        dv = _grad_buffer(BH, M, Dv, flip_v, q)
         if BH == 0 or N == 0 or M == 0:
             return dq.zero_().view(q.shape), dk.zero_().view(k.shape), dv.zero_().view(v.shape), None, None, None
         q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
         do3 = do.reshape(BH, N, Dv)
-        delta = (do3 * out.reshape(BH, N, Dv)).sum(-1, keepdim=True)  # rowsum(dO ⊙ O)
+        delta = (do * out).sum(-1, keepdim=True).reshape(BH, N, 1)  # rowsum(dO ⊙ O)
         bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
         no_key = _no_key_rows(attn_mask, is_causal, N, M)
         step = _chunk_step(N, M, BH)
@@ -528,14 +532,45 @@ class _CpuChunkedAttention(torch.autograd.Function):
             p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
             if no_key:  # rows with no key: P = 0 there (softmax gave NaN), so they pass no gradient
                 p.nan_to_num_(nan=0.0)
-            torch.bmm(p.transpose(1, 2), do3[i:j], out=dv[i:j])
+            _bmm_into(p.transpose(1, 2), do3[i:j], dv[i:j], flip_v)  # dV = Pᵀ dO
             ds = torch.bmm(do3[i:j], v3[i:j].transpose(1, 2), out=dscores[: j - i])
             ds.sub_(delta[i:j]).mul_(p)
-            torch.bmm(ds, k3[i:j], out=dq[i:j])
-            torch.bmm(ds.transpose(1, 2), q3[i:j], out=dk[i:j])
+            _bmm_into(ds, k3[i:j], dq[i:j], flip_qk)  # dQ = dS K
+            _bmm_into(ds.transpose(1, 2), q3[i:j], dk[i:j], flip_qk)  # dK = dSᵀ Q
         dq.mul_(scale)
         dk.mul_(scale)
-        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None, None
+        return _grad_view(dq, q.shape, flip_qk), _grad_view(dk, k.shape, flip_qk), _grad_view(dv, v.shape, flip_v), \
+            None, None, None
+
+
+# The chunked route's GEMMs whose output is (rows, width) per (batch, head): where the width is
+# not a multiple of 16 (an AVX-512 register of fp32) the BLAS runs them 10-30 % slower than the
+# transposed product, whose output rows are the N or M tokens instead (2-core EPYC, MiniLM and
+# DeiT pruned widths; benchmarks/bench_attention.py). Such outputs are computed transposed into a
+# (BH, width, rows) buffer and handed on as a transposed view, which the callers' reshape to
+# (B, N, H·width) copies anyway.
+def _flip(width: int) -> bool:
+    return width % 16 != 0
+
+
+def _grad_buffer(BH: int, rows: int, width: int, flip: bool, like: torch.Tensor) -> torch.Tensor:
+    shape = (BH, width, rows) if flip else (BH, rows, width)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, flip: bool) -> None:
+    """out = a @ b, or outᵀ = bᵀ @ aᵀ where ``flip`` (out is then the transposed buffer)."""
+    if flip:
+        torch.bmm(b.transpose(1, 2), a.transpose(1, 2), out=out)
+    else:
+        torch.bmm(a, b, out=out)
+
+
+def _grad_view(g: torch.Tensor, shape: torch.Size, flip: bool) -> torch.Tensor:
+    if flip:
+        B, H, rows, width = shape
+        return g.view(B, H, width, rows).transpose(2, 3)
+    return g.view(shape)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -71,12 +71,14 @@ def test_public_op_dispatches_to_sdpa_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("chunk_heads", [1, 2, 5, 100], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_short_q", "causal_long_q", "empty_row"])
-def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, masking):
+@pytest.mark.parametrize("widths", [(5, 9), (16, 9), (5, 32), (16, 32)], ids=lambda w: f"D{w[0]}_Dv{w[1]}")
+def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, masking, widths):
     """The fp32 CPU inference path of the torch backend (batched GEMM → softmax → GEMM in chunks
     of (batch, head) pairs) against the float64 oracle, with chunks that split batch rows and heads
-    unevenly, unequal odd widths, key padding, causal with fewer queries than keys, and a batch row
-    that masks every key."""
-    B, H, N, M, D, Dv = 3, 3, 7, 7, 5, 9
+    unevenly, unequal widths (odd ones take the transposed GEMMs, multiples of 16 the plain ones),
+    key padding, causal with fewer queries than keys, and a batch row that masks every key."""
+    B, H, N, M = 3, 3, 7, 7
+    D, Dv = widths
     if masking == "causal_short_q":
         N = 4
     if masking == "causal_long_q":  # the first N - M queries see no key

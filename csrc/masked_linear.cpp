@@ -7,27 +7,29 @@
 namespace spp_ext {
 
 at::Tensor act_forward(const at::Tensor& pre, Act act, bool inplace) {
-  // ATen's own activation kernels: bit-identical to the reference (and to the dense model at m = 1)
-  at::Tensor a = inplace ? pre : pre.clone();
+  // ATen's own activation kernels: bit-identical to the reference (and to the dense model at m = 1).
+  // Out of place, the kernel writes the copy itself (one pass, not a clone and a second pass);
+  // without an activation pre itself is returned (the callers only read it).
+  at::Tensor a = pre;  // a handle: in place writes go to pre's storage
   switch (act) {
-    case Act::None: break;
-    case Act::Gelu: at::gelu_(a, "none"); break;
-    case Act::GeluTanh: at::gelu_(a, "tanh"); break;
-    case Act::Relu: at::relu_(a); break;
-    case Act::Silu: at::silu_(a); break;
+    case Act::None: return a;
+    case Act::Gelu: return inplace ? at::gelu_(a, "none") : at::gelu(pre, "none");
+    case Act::GeluTanh: return inplace ? at::gelu_(a, "tanh") : at::gelu(pre, "tanh");
+    case Act::Relu: return inplace ? at::relu_(a) : at::relu(pre);
+    case Act::Silu: return inplace ? at::silu_(a) : at::silu(pre);
   }
   return a;
 }
 
-at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& pre, Act act) {
+void act_backward_(at::Tensor& grad, const at::Tensor& pre, Act act) {
+  // elementwise, so the gradient may be written over itself
   switch (act) {
-    case Act::None: return grad;
-    case Act::Gelu: return at::gelu_backward(grad, pre, "none");
-    case Act::GeluTanh: return at::gelu_backward(grad, pre, "tanh");
-    case Act::Relu: return at::threshold_backward(grad, pre, 0);
-    case Act::Silu: return at::silu_backward(grad, pre);
+    case Act::None: break;
+    case Act::Gelu: at::gelu_backward_out(grad, grad, pre, "none"); break;
+    case Act::GeluTanh: at::gelu_backward_out(grad, grad, pre, "tanh"); break;
+    case Act::Relu: at::threshold_backward_out(grad, grad, pre, 0); break;
+    case Act::Silu: at::silu_backward_out(grad, grad, pre); break;
   }
-  return grad;
 }
 
 void scale_columns(const at::Tensor& a, const at::Tensor& mvec, at::Tensor& out) {
@@ -52,9 +54,11 @@ void epilogue_forward(const at::Tensor& pre, const at::Tensor& mvec, Act act, at
   scale_columns(a, mvec, out);
 }
 
-void epilogue_backward(at::Tensor& gh, const at::Tensor& pre, const at::Tensor& mvec, Act act, at::Tensor& dm) {
+void epilogue_backward(const at::Tensor& g_in, at::Tensor& gh, const at::Tensor& pre, const at::Tensor& mvec, Act act,
+                       at::Tensor& dm) {
   const int64_t T = pre.size(0), N = pre.size(1);
-  at::Tensor a = act_forward(pre, act, false);
+  const at::Tensor a = act_forward(pre, act, false);  // the activation itself, for dm
+  const float* Gi = g_in.data_ptr<float>();
   float* G = gh.data_ptr<float>();
   const float* P = a.data_ptr<float>();
   const float* M = mvec.data_ptr<float>();
@@ -67,17 +71,19 @@ void epilogue_backward(at::Tensor& gh, const at::Tensor& pre, const at::Tensor& 
       const int64_t c0 = blk * kCols, c1 = std::min(N, c0 + kCols), w = c1 - c0;
       for (int64_t j = 0; j < w; ++j) acc[j] = 0.0f;
       for (int64_t t = 0; t < T; ++t) {
+        const float* gi = Gi + t * N + c0;
         float* g = G + t * N + c0;
         const float* p = P + t * N + c0;
         for (int64_t j = 0; j < w; ++j) {
-          acc[j] += g[j] * p[j];
-          g[j] = g[j] * M[c0 + j];
+          const float v = gi[j];
+          acc[j] += v * p[j];
+          g[j] = v * M[c0 + j];
         }
       }
       for (int64_t j = 0; j < w; ++j) D[c0 + j] = acc[j];
     }
   });
-  if (act != Act::None) gh.copy_(act_backward(gh, pre, act));
+  act_backward_(gh, pre, act);
 }
 
 // x: (T, K) any float dtype; W: (N, K); b: (N,) or None; mvec: (N,) fp32.
@@ -107,11 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
     c10::string_view act_name, bool need_dx, bool need_dW, bool need_db) {
   const Act act = parse_act(std::string(act_name));
   TORCH_CHECK_VALUE(pre.dim() == 2 && grad.sizes() == pre.sizes(), "masked_linear_backward: grad and pre must be (T, N)");
-  // the epilogue rewrites g in place: copy the upstream gradient once, never twice
-  at::Tensor g = grad.to(at::kFloat).contiguous();
-  if (g.is_same(grad)) g = g.clone();
+  // the epilogue reads the upstream gradient and writes the pre-activation gradient into g: a
+  // fresh fp32 copy is written over in place, the caller's own tensor never
+  const at::Tensor gin = grad.to(at::kFloat).contiguous();
+  at::Tensor g = gin.is_same(grad) ? at::empty_like(gin) : gin;
   at::Tensor dm = at::empty({pre.size(1)}, pre.options());
-  epilogue_backward(g, pre.contiguous(), mvec.contiguous(), act, dm);
+  epilogue_backward(gin, g, pre.contiguous(), mvec.contiguous(), act, dm);
   at::Tensor dx = need_dx ? at::mm(g, f32(W)).to(x.scalar_type()) : at::empty({0}, x.options());
   at::Tensor dW = need_dW ? at::mm(g.t(), f32(x)).to(W.scalar_type()) : at::empty({0}, W.options());
   at::Tensor db = need_db ? g.sum(0).to(W.scalar_type()) : at::empty({0}, W.options());

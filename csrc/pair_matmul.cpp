@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor gf = f32(grad), W2f = f32(W2), mf = m.contiguous(), pref = pre.contiguous();
   at::Tensor gh = at::mm(gf, W2f);  // (T, U): gradient of h = act(pre) * m
   at::Tensor dm = at::empty({pre.size(1)}, pre.options());
-  epilogue_backward(gh, pref, mf, act, dm);  // gh <- gradient of pre
+  epilogue_backward(gh, gh, pref, mf, act, dm);  // gh <- gradient of pre
   at::Tensor dx = need_dx ? at::mm(gh, f32(W1)).to(x.scalar_type()) : at::empty({0}, x.options());
   const auto fopt = pre.options();
   at::Tensor dW1 = at::empty({0}, fopt), db1 = at::empty({0}, fopt), dW2 = at::empty({0}, fopt), db2 = at::empty({0}, fopt);

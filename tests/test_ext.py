@@ -180,9 +180,14 @@ def test_masked_linear_matches_oracle(dtype, T, K, N, act):
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
     ref = oracle_masked_linear(x, W, b, m, col2unit, act)
     assert_close(y, ref, dtype, K, msg="masked_linear")
-    # gradients vs float64 autograd on the oracle
+    # without autograd no pre-activation is kept (fp32: the epilogue runs in place): same numbers
+    with torch.no_grad():
+        assert torch.equal(ext().masked_linear(x, W, b, m, col2unit, act), y.detach())
+    # gradients vs float64 autograd on the oracle; the upstream gradient is left as it was
     go = rand(y.shape, dtype, 99)
+    go_before = go.clone()
     y.backward(go)
+    assert torch.equal(go, go_before)
     x64, m64 = x.double().requires_grad_(), m.double().requires_grad_()
     oracle_masked_linear(x64, W.double(), None if b is None else b.double(), m64, col2unit, act).backward(go.double())
     assert xg.grad.dtype == dtype and mg.grad.dtype == torch.float32

@@ -401,9 +401,10 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (``sdpa_kernel(MATH)`` keeps SDPA's math path exactly); not inside :func:`sdpa_only`; one
     head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose
     memory does not grow with N·M); and unequal qk / v widths (flash would need them padded).
-    Where flash takes the widths as they are it was as fast or faster: 5-12 % faster at batch 1
-    and 7-19 % at batch 64 (12 heads, 128 tokens, widths 16-64, with and without key padding;
-    2-core EPYC), even where the scores fit one chunk."""
+    Where flash takes the widths as they are it was faster, even where the scores fit one chunk
+    (12 heads, 128 tokens, 2-core EPYC): at batch 1 by 5-12 % at widths 24 and 32 with key
+    padding (300 interleaved repeats) and by 1-19 % over widths 16-64 in a shorter run, at batch
+    64 by 7-19 % over widths 16-64, with and without key padding."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or not _host_reads_ok(q, k, v, attn_mask):
         return False
     if _SDPA_ONLY.get() or not torch.backends.cuda.flash_sdp_enabled():
@@ -456,11 +457,12 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     Chunks hold at most ``CPU_SCORE_CHUNK_BYTES`` of scores so they stay in cache. Differentiable:
     the backward recomputes each chunk's probabilities (nothing of size N·M is kept).
 
-    On a 2-core CPU at 128 tokens and 12 heads this is 1.3-3x faster than SDPA's flash kernel,
-    which needs equal qk / v widths (so pruned widths are padded) and is slower still at odd ones
-    (benchmarks/bench_attention.py); forward + backward 0.95-1.6x SDPA on the padded widths
-    there (no gain where the padding is small, 23 / 37 → 40). No padding: compute falls with both
-    widths."""
+    On a 2-core CPU at batch 64 (DeiT-S/B and BERT-base heads, 12 pruned shapes,
+    benchmarks/bench_attention.py) this is 1.16-1.93x faster than SDPA on widths zero-padded to a
+    common one, forward, and 1.09-1.87x forward + backward; SDPA on the unequal widths as they are
+    is slower still. No padding: compute falls with both widths. Products whose per-head output
+    width is not a multiple of 16 run transposed (see :func:`_flip`), so the output and the
+    gradients may come back as non-contiguous views: reshape them, do not ``view`` them."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal)
     return _chunked_forward(q, k, v, scale, attn_mask, is_causal)

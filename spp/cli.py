@@ -48,12 +48,18 @@ def cmd_demo(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from . import distributed, embedded
+    from . import distributed
+
+    with distributed.from_env() as group:  # under torchrun: one rank per process, the same batches on each
+        return _search(a, group)
+
+
+def _search(a, group) -> int:
+    from . import embedded
     from .handle import attach
     from .io import prepare_output_dir
     from .search import search
 
-    group = distributed.init_from_env()  # under torchrun: one rank per process, the same batches on each
     ckpt_dir = a.checkpoint_dir or os.path.join(a.out, "checkpoint")
     if group.is_main:  # fail before the model is loaded, not after the search
         prepare_output_dir(a.out, "--out")

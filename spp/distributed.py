@@ -9,8 +9,9 @@ only rank 0 writes checkpoints, the path and the progress bar.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -128,6 +129,20 @@ def init_from_env(backend: Optional[str] = None) -> Group:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return current(True)
+
+
+@contextlib.contextmanager
+def from_env(backend: Optional[str] = None) -> Iterator[Group]:
+    """:func:`init_from_env` as a context: a process group it initialises is destroyed when the
+    block completes, so NCCL does not warn at exit about a live group and no gloo object is left
+    to interpreter teardown. After an exception the group is left alone (destroying it while
+    other ranks may still wait in a collective can hang); a group initialised before, or a
+    single process, is left as it was. ``spp search`` runs in one."""
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    group = init_from_env(backend)
+    yield group
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for_rank() -> torch.device:

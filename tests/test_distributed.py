@@ -113,3 +113,29 @@ def test_cli_search_under_torchrun_writes_the_single_process_path(bert_dir, tmp_
     assert two.settings["world_size"] == 2
     np.testing.assert_array_equal(two.entry, one.entry)
     np.testing.assert_allclose(two.m, one.m, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["created", "exception", "already", "single"])
+def test_from_env_destroys_only_a_group_it_created_and_only_on_success(monkeypatch, case):
+    """``distributed.from_env`` (what ``spp search`` runs in): the group it initialises is destroyed
+    when the block completes; not after an exception (other ranks may still wait in a
+    collective), not when one was initialised before, not for a single process."""
+    state = {"initialised": case == "already", "destroyed": 0}
+    monkeypatch.setenv("WORLD_SIZE", "1" if case == "single" else "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: state["initialised"])
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: state.__setitem__("destroyed", state["destroyed"] + 1))
+
+    def init(backend=None):
+        if case != "single":
+            state["initialised"] = True
+        return distributed.Group(0, 1 if case == "single" else 2)
+
+    monkeypatch.setattr(distributed, "init_from_env", init)
+    if case == "exception":
+        with pytest.raises(RuntimeError, match="boom"):
+            with distributed.from_env() as group:
+                raise RuntimeError("boom")
+    else:
+        with distributed.from_env() as group:
+            assert group.world == (1 if case == "single" else 2)
+    assert state["destroyed"] == (1 if case == "created" else 0)

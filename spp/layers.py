@@ -116,12 +116,19 @@ class MaskedAttention(nn.Module):
 def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask, **kwargs):
     """Call the Hugging Face attention function that ``config._attn_implementation`` names
     (``default_fn``, the family's eager one, when none is set) on pruned widths: q, k (B, H, N, D)
-    and v (B, H_kv, M, Dv) with D != Dv allowed. For "sdpa" on CPUs the widths are zero-padded
+    and v (B, H_kv, M, Dv) with D != Dv allowed. "sdpa" runs as ``spp_kernels.attention`` (the
+    pruned-attention op of every adapter: the chunked CPU route, the Triton kernel on CUDA) wherever
+    that computes the same function (:func:`_spp_attention`); elsewhere, and for the other
+    implementations, Hugging Face's function runs, for "sdpa" on CPUs with the widths zero-padded
     for SDPA's flash kernel (exact: zero channels change neither q·kᵀ nor the kept outputs) and the
     output sliced back. Returns (out (B, N, H, Dv), attention weights or None)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        out = _spp_attention(module, q, k, v, attention_mask, kwargs)
+        if out is not None:
+            return out, None
     fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default_fn)
     Dv = v.shape[-1]
     if impl == "sdpa":
@@ -130,7 +137,46 @@ def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask,
     return (out[..., :Dv] if out.shape[-1] != Dv else out), weights
 
 
-_KEY_PADDING_LAST: list = [None]  # (weakref to the mask, its version, batch, keys, device, result)
+def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Tensor]:
+    """Hugging Face's "sdpa" attention function, computed by ``spp_kernels.attention`` (any qk / v
+    widths: the chunked CPU route, the Triton kernel on CUDA) where that is exact: no dropout,
+    softcap, position bias or sliding window, and no mask, one that :func:`key_padding` reads as
+    key padding, or (on CPU) exactly the causal mask (a causal mask combined with padding is
+    neither: the op takes one or the other).
+    The same semantics as that function: causal only without a mask and for more than one query
+    (``is_causal`` from the call, else the module's, default true) over as many keys as queries,
+    GQA by repeating the kv heads. Returns (B, N, H, Dv), or None where Hugging Face's own
+    function must run."""
+    if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
+            or kwargs.get("sliding_window") is not None:
+        return None
+    B, H, N, _ = q.shape
+    G, M = k.shape[1], k.shape[2]
+    if G != H:
+        if G == 0 or H % G:
+            return None
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    keys = None
+    if attention_mask is None:
+        causal = causal and N > 1
+        if causal and M != N:  # the function aligns a causal call without a mask top-left
+            return None
+    else:  # a mask: SDPA applies it alone (a causal ∧ padding one is neither: refused)
+        keys = key_padding(attention_mask, B, M, q.device)
+        causal = False
+        if keys is False:
+            if not is_causal_mask(attention_mask, N, M):
+                return None
+            keys, causal = None, True
+    scale = kwargs.get("scaling")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return spp_kernels.attention(q, k, v, scale, keys, causal).transpose(1, 2)
+
+
+_KEY_PADDING_LAST: list = [None]  # (weakref to the mask, its version, (batch, keys, device), result)
+_CAUSAL_LAST: list = [None]  # (weakref to the mask, its version, (queries, keys), result)
 
 
 def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):
@@ -139,15 +185,46 @@ def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device
     and version counter guard the reuse)."""
     if attn_mask is None:
         return None
-    if attn_mask.is_inference():  # no version counter to guard a remembered answer: read it
-        return _key_padding(attn_mask, batch, keys, device)
-    last = _KEY_PADDING_LAST[0]
-    if (last is not None and last[0]() is attn_mask and last[1] == attn_mask._version
-            and last[2:5] == (batch, keys, device)):
-        return last[5]
-    result = _key_padding(attn_mask, batch, keys, device)
-    _KEY_PADDING_LAST[0] = (weakref.ref(attn_mask), attn_mask._version, batch, keys, device, result)
+    return _remembered(_KEY_PADDING_LAST, attn_mask, (batch, keys, device),
+                       lambda: _key_padding(attn_mask, batch, keys, device))
+
+
+def _remembered(slot: list, mask: torch.Tensor, args: tuple, compute):
+    """``compute()``, remembered in ``slot`` for the last mask seen with these ``args``: the
+    tensor's identity and version counter guard the reuse (an inference tensor has no version
+    counter, so it is read every time)."""
+    if mask.is_inference():
+        return compute()
+    last = slot[0]
+    if last is not None and last[0]() is mask and last[1] == mask._version and last[2] == args:
+        return last[3]
+    result = compute()
+    slot[0] = (weakref.ref(mask), mask._version, args, result)
     return result
+
+
+def is_causal_mask(attn_mask: torch.Tensor, queries: int, keys: int) -> bool:
+    """Whether a (B|1, 1, N, M) CPU mask (bool, or additive with 0 / "minus infinity" as Hugging
+    Face builds them) is exactly the causal one, tril(M − N), in every batch row: a model that
+    builds its causal mask without padding (CLIP's text tower) then runs the op's causal path.
+    Remembered for the last mask, like :func:`key_padding`; other devices are not read (False)."""
+    return _remembered(_CAUSAL_LAST, attn_mask, (queries, keys), lambda: _is_causal_mask(attn_mask, queries, keys))
+
+
+def _is_causal_mask(m: torch.Tensor, queries: int, keys: int) -> bool:
+    if (m.device.type != "cpu" or m.requires_grad or m.dim() != 4 or m.shape[1] != 1
+            or tuple(m.shape[2:]) != (queries, keys) or queries > keys):
+        return False
+    if m.dtype == torch.bool:
+        keep = m
+    elif m.is_floating_point():
+        low = m <= torch.finfo(m.dtype).min / 2
+        if not bool(((m == 0) | low).all()):
+            return False
+        keep = ~low
+    else:
+        return False
+    return bool((keep == spp_kernels.reference.causal_keep(queries, keys)).all())
 
 
 def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):

@@ -293,6 +293,64 @@ def test_hf_attention_on_pruned_widths_matches_eager(impl):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["causal", "causal_gqa", "causal_mask", "encoder_padded", "decode_padded",
+                                  "causal_padded", "causal_cache", "dropout", "sliding_window"])
+def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
+    """hf_attention with "sdpa" computes Hugging Face's sdpa function through spp_kernels.attention
+    where the op is exact (no mask or key padding, causal over as many keys as queries, GQA), and
+    leaves the rest to that function (causal ∧ padding, a causal call with cached keys, dropout,
+    sliding windows); both give the function's numbers on unequal widths."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    import spp_kernels
+    from spp.layers import hf_attention
+
+    B, H, N, M, D, Dv = 3, 4, 7, 7, 6, 11
+    G = 2 if case == "causal_gqa" else H
+    if case == "decode_padded":
+        N = 1
+    if case == "causal_cache":
+        N = 3
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(B, H, N, D, generator=g)
+    k, v = torch.randn(B, G, M, D, generator=g), torch.randn(B, G, M, Dv, generator=g)
+    lens = torch.tensor([7, 4, 6])
+    pad = torch.arange(M)[None] < lens[:, None]
+    mask = None
+    if case in ("encoder_padded", "decode_padded"):  # HF's additive form, one row per batch row
+        mask = torch.zeros(B, 1, N, M).masked_fill(~pad[:, None, None, :], torch.finfo(torch.float32).min)
+    if case == "causal_padded":
+        keep = torch.ones(N, M, dtype=torch.bool).tril() & pad[:, None, None, :]
+        mask = torch.zeros(B, 1, N, M).masked_fill(~keep, torch.finfo(torch.float32).min)
+    if case == "causal_mask":  # a causal mask built without padding, as CLIP's text tower does
+        mask = torch.ones(N, M, dtype=torch.bool).tril().expand(B, 1, N, M)
+    module = types.SimpleNamespace(num_key_value_groups=H // G, training=False,
+                                   is_causal=case not in ("encoder_padded", "causal_mask"))
+    cfg = types.SimpleNamespace(_attn_implementation="sdpa")
+    kw = {"dropout": 0.3 if case == "dropout" else 0.0, "scaling": 0.3}
+    if case == "causal_mask":
+        kw["is_causal"] = True
+    if case == "sliding_window":
+        kw["sliding_window"] = 4
+    calls = []
+    op = spp_kernels.attention
+    monkeypatch.setattr(spp_kernels, "attention", lambda *a: calls.append(a[4:]) or op(*a))
+    got, weights = hf_attention(module, cfg, eager_attention_forward, q, k, v, mask, **kw)
+    ours = case in ("causal", "causal_gqa", "causal_mask", "encoder_padded", "decode_padded")
+    assert len(calls) == (1 if ours else 0), calls
+    if ours:
+        keys, causal = calls[0]
+        assert causal == case.startswith("causal")
+        assert (keys is None) == case.startswith("causal")
+    assert got.shape == (B, N, H, Dv) and weights is None
+    if case != "dropout":
+        want, _ = sdpa_attention_forward(module, q, k, v, mask, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_key_padding_is_read_once_per_mask_and_rereads_a_changed_one():
     from spp import layers
 

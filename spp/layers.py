@@ -100,7 +100,7 @@ class MaskedAttention(nn.Module):
         masks) and attention dropout go to SDPA, with CPU widths padded for its flash kernel."""
         drop = self.attn_drop if self.training else 0.0
         if drop == 0.0:
-            keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device)
+            keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device, queries=q.shape[2])
             if keys is not False:
                 return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
         Dv = v.shape[-1]
@@ -164,10 +164,10 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
         if causal and M != N:  # the function aligns a causal call without a mask top-left
             return None
     else:  # a mask: SDPA applies it alone (a causal ∧ padding one is neither: refused)
-        keys = key_padding(attention_mask, B, M, q.device)
+        keys = key_padding(attention_mask, B, M, q.device, queries=N)
         causal = False
         if keys is False:
-            if not is_causal_mask(attention_mask, N, M):
+            if not is_causal_mask(attention_mask, B, N, M):
                 return None
             keys, causal = None, True
     scale = kwargs.get("scaling")
@@ -176,23 +176,25 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
 
 
 _KEY_PADDING_LAST: list = [None]  # (weakref to the mask, its version, (batch, keys, device), result)
-_CAUSAL_LAST: list = [None]  # (weakref to the mask, its version, (queries, keys), result)
+_CAUSAL_LAST: list = [None]  # (weakref to the mask, its version, (batch, queries, keys), result)
 
 
-def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):
+def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None,
+                queries: Optional[int] = None):
     """:func:`_key_padding`, remembered for the last mask seen: every layer of a forward gets the
     same mask tensor, so it is read once per forward, not once per layer (the tensor's identity
     and version counter guard the reuse)."""
     if attn_mask is None:
         return None
-    return _remembered(_KEY_PADDING_LAST, attn_mask, (batch, keys, device),
-                       lambda: _key_padding(attn_mask, batch, keys, device))
+    return _remembered(_KEY_PADDING_LAST, attn_mask, (batch, keys, device, queries),
+                       lambda: _key_padding(attn_mask, batch, keys, device, queries))
 
 
 def _remembered(slot: list, mask: torch.Tensor, args: tuple, compute):
     """``compute()``, remembered in ``slot`` for the last mask seen with these ``args``: the
     tensor's identity and version counter guard the reuse (an inference tensor has no version
-    counter, so it is read every time)."""
+    counter, so it is read every time; writes that bypass the counter, through ``.data`` or a
+    NumPy view, are not seen: build a new mask instead, as Hugging Face does every forward)."""
     if mask.is_inference():
         return compute()
     last = slot[0]
@@ -203,17 +205,18 @@ def _remembered(slot: list, mask: torch.Tensor, args: tuple, compute):
     return result
 
 
-def is_causal_mask(attn_mask: torch.Tensor, queries: int, keys: int) -> bool:
+def is_causal_mask(attn_mask: torch.Tensor, batch: int, queries: int, keys: int) -> bool:
     """Whether a (B|1, 1, N, M) CPU mask (bool, or additive with 0 / "minus infinity" as Hugging
     Face builds them) is exactly the causal one, tril(M − N), in every batch row: a model that
     builds its causal mask without padding (CLIP's text tower) then runs the op's causal path.
     Remembered for the last mask, like :func:`key_padding`; other devices are not read (False)."""
-    return _remembered(_CAUSAL_LAST, attn_mask, (queries, keys), lambda: _is_causal_mask(attn_mask, queries, keys))
+    return _remembered(_CAUSAL_LAST, attn_mask, (batch, queries, keys),
+                       lambda: _is_causal_mask(attn_mask, batch, queries, keys))
 
 
-def _is_causal_mask(m: torch.Tensor, queries: int, keys: int) -> bool:
+def _is_causal_mask(m: torch.Tensor, batch: int, queries: int, keys: int) -> bool:
     if (m.device.type != "cpu" or m.requires_grad or m.dim() != 4 or m.shape[1] != 1
-            or tuple(m.shape[2:]) != (queries, keys) or queries > keys):
+            or tuple(m.shape[2:]) != (queries, keys) or queries > keys or m.shape[0] not in (1, batch)):
         return False
     if m.dtype == torch.bool:
         keep = m
@@ -227,12 +230,14 @@ def _is_causal_mask(m: torch.Tensor, queries: int, keys: int) -> bool:
     return bool((keep == spp_kernels.reference.causal_keep(queries, keys)).all())
 
 
-def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None):
+def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None,
+                 queries: Optional[int] = None):
     """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``, or
     False where it is not one (the caller then keeps it for SDPA, with SDPA's exact semantics).
 
     Read as key padding: None (returned as None); a (B|1, 1, 1, M) mask, or a (B|1, 1, N, M) one
-    whose query rows are all equal (broadcast with stride 0, or, on CPU, checked); a 2-D / 3-D
+    (N = ``queries`` when given; another row count is left to SDPA, which refuses it) whose query
+    rows are all equal (broadcast with stride 0, or, on CPU, checked); a 2-D / 3-D
     mask whose leading dims are 1 (SDPA aligns masks from the right, so a (N, M) or (X, 1, M)
     mask is per query or per head, never per batch row). Bool masks as they are; additive float
     masks only on CPU (reading values on an accelerator would synchronise) and only when every
@@ -247,7 +252,7 @@ def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, devic
         return False
     on_cpu = m.device.type == "cpu"
     if m.dim() == 4:
-        if m.shape[1] != 1:
+        if m.shape[1] != 1 or (queries is not None and m.shape[2] not in (1, queries)):
             return False
         if m.shape[2] != 1:
             if m.stride(2) != 0 and not (on_cpu and bool((m == m[:, :, :1]).all())):

@@ -351,6 +351,30 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", ["rows", "batch"])
+def test_hf_attention_leaves_masks_of_the_wrong_shape_to_sdpa(bad):
+    """A key-padding mask with a query count other than 1 or N, or a causal mask whose batch is
+    neither 1 nor B, is not taken by the op: Hugging Face's function (SDPA) refuses it as before."""
+    import types
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from spp.layers import hf_attention
+
+    B, H, N, D, Dv = 3, 2, 5, 4, 7
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, Dv, generator=g)
+    if bad == "rows":
+        mask = torch.ones(B, 1, N + 1, N, dtype=torch.bool)
+        mask[1, ..., 3:] = False
+    else:
+        mask = torch.ones(N, N, dtype=torch.bool).tril().expand(2, 1, N, N)
+    module = types.SimpleNamespace(num_key_value_groups=1, training=False, is_causal=False)
+    cfg = types.SimpleNamespace(_attn_implementation="sdpa")
+    with pytest.raises(RuntimeError):
+        hf_attention(module, cfg, eager_attention_forward, q, k, v, mask, dropout=0.0, scaling=0.3)
+
+
 def test_key_padding_is_read_once_per_mask_and_rereads_a_changed_one():
     from spp import layers
 

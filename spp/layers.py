@@ -132,6 +132,8 @@ def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask,
     fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, default_fn)
     Dv = v.shape[-1]
     if impl == "sdpa":
+        if kwargs.get("scaling") is None:  # SDPA's default scale would follow the padded width
+            kwargs["scaling"] = q.shape[-1] ** -0.5
         q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
     out, weights = fn(module, q, k, v, attention_mask, **kwargs)
     return (out[..., :Dv] if out.shape[-1] != Dv else out), weights

@@ -351,6 +351,27 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_hf_attention_default_scale_follows_the_qk_width_when_sdpa_pads():
+    """Without ``scaling`` the scale is 1/√D of the qk width also where the widths are padded for
+    SDPA's flash kernel (a causal ∧ padding mask keeps Hugging Face's function)."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from spp.layers import hf_attention
+
+    B, H, N, D, Dv = 2, 2, 5, 4, 9
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, Dv, generator=g)
+    keep = torch.ones(N, N, dtype=torch.bool).tril() & torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    module = types.SimpleNamespace(num_key_value_groups=1, training=False, is_causal=True)
+    cfg = types.SimpleNamespace(_attn_implementation="sdpa")
+    got, _ = hf_attention(module, cfg, eager_attention_forward, q, k, v, keep, dropout=0.0)
+    want, _ = sdpa_attention_forward(module, q, k, v, keep, dropout=0.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", ["rows", "batch"])
 def test_hf_attention_leaves_masks_of_the_wrong_shape_to_sdpa(bad):
     """A key-padding mask with a query count other than 1 or N, or a causal mask whose batch is

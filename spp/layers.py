@@ -220,16 +220,20 @@ def _is_causal_mask(m: torch.Tensor, batch: int, queries: int, keys: int) -> boo
     if (m.device.type != "cpu" or m.requires_grad or m.dim() != 4 or m.shape[1] != 1
             or tuple(m.shape[2:]) != (queries, keys) or queries > keys or m.shape[0] not in (1, batch)):
         return False
+    keep = _keep_of(m)
+    return keep is not None and bool((keep == spp_kernels.reference.causal_keep(queries, keys)).all())
+
+
+def _keep_of(m: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bool keep-mask (True = attend) of a bool mask (itself) or of an additive float mask whose
+    entries are all 0 or "minus infinity" (≤ half the dtype's lowest value, as Hugging Face builds
+    them); None for any other mask. Reads the values of a float mask."""
     if m.dtype == torch.bool:
-        keep = m
-    elif m.is_floating_point():
-        low = m <= torch.finfo(m.dtype).min / 2
-        if not bool(((m == 0) | low).all()):
-            return False
-        keep = ~low
-    else:
-        return False
-    return bool((keep == spp_kernels.reference.causal_keep(queries, keys)).all())
+        return m
+    if not m.is_floating_point():
+        return None
+    low = m <= torch.finfo(m.dtype).min / 2
+    return ~low if bool(((m == 0) | low).all()) else None
 
 
 def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None,
@@ -269,14 +273,10 @@ def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, devic
         return False
     if m.shape[-1] != keys or m.shape[0] not in (1, batch):
         return False
-    if m.dtype == torch.bool:
-        keep = m
-    elif m.is_floating_point() and on_cpu:
-        low = m <= torch.finfo(m.dtype).min / 2
-        if not bool(((m == 0) | low).all()) or bool(low.all(-1).any()):
-            return False
-        keep = ~low
-    else:
+    if m.dtype != torch.bool and not on_cpu:
+        return False
+    keep = _keep_of(m)
+    if keep is None or (m.dtype != torch.bool and bool((~keep).all(-1).any())):
         return False
     if on_cpu and bool(keep.all()):
         return None

@@ -473,20 +473,18 @@ def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
     M, Dv = k.shape[2], v.shape[-1]
     BH = B * H
     q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
-    out = torch.empty(BH, N, Dv, dtype=q.dtype, device=q.device)
+    flip = _flip(Dv)  # then the buffer holds Oᵀ per (batch, head), handed on as a transposed view
+    buf = _buffer(BH, N, Dv, flip, q)
     if BH == 0 or N == 0:
-        return out.view(B, H, N, Dv)
+        return _unflip(buf, (B, H, N, Dv), flip)
     bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
     step = _chunk_step(N, M, BH)
     scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
-    flip = _flip(Dv)
-    if flip:  # out holds Oᵀ per (batch, head): (BH, Dv, N), returned as a transposed view
-        out = out.view(BH, Dv, N)
     for i in range(0, BH, step):
         j = min(BH, i + step)
         p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
-        _bmm_into(p, v3[i:j], out[i:j], flip)
-    out = out.view(B, H, Dv, N).transpose(2, 3) if flip else out.view(B, H, N, Dv)
+        _bmm_into(p, v3[i:j], buf[i:j], flip)
+    out = _unflip(buf, (B, H, N, Dv), flip)
     if is_causal and N > M:  # queries i < N - M see no key: zeros, as in the reference
         out[:, :, : N - M] = 0.0
     if attn_mask is not None:  # batch rows with no key to attend: zeros (softmax gave NaN there)
@@ -516,9 +514,9 @@ class _CpuChunkedAttention(torch.autograd.Function):
         M, Dv = k.shape[2], v.shape[-1]
         BH = B * H
         flip_qk, flip_v = _flip(D), _flip(Dv)  # gradients of odd widths are computed transposed
-        dq = _grad_buffer(BH, N, D, flip_qk, q)
-        dk = _grad_buffer(BH, M, D, flip_qk, q)
-        dv = _grad_buffer(BH, M, Dv, flip_v, q)
+        dq = _buffer(BH, N, D, flip_qk, q)
+        dk = _buffer(BH, M, D, flip_qk, q)
+        dv = _buffer(BH, M, Dv, flip_v, q)
         if BH == 0 or N == 0 or M == 0:
             return dq.zero_().view(q.shape), dk.zero_().view(k.shape), dv.zero_().view(v.shape), None, None, None
         q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
@@ -541,7 +539,7 @@ class _CpuChunkedAttention(torch.autograd.Function):
             _bmm_into(ds.transpose(1, 2), q3[i:j], dk[i:j], flip_qk)  # dK = dSᵀ Q
         dq.mul_(scale)
         dk.mul_(scale)
-        return _grad_view(dq, q.shape, flip_qk), _grad_view(dk, k.shape, flip_qk), _grad_view(dv, v.shape, flip_v), \
+        return _unflip(dq, q.shape, flip_qk), _unflip(dk, k.shape, flip_qk), _unflip(dv, v.shape, flip_v), \
             None, None, None
 
 
@@ -557,7 +555,8 @@ def _flip(width: int) -> bool:
     return width % 16 != 0
 
 
-def _grad_buffer(BH: int, rows: int, width: int, flip: bool, like: torch.Tensor) -> torch.Tensor:
+def _buffer(BH: int, rows: int, width: int, flip: bool, like: torch.Tensor) -> torch.Tensor:
+    """An output buffer of (rows, width) per (batch, head), transposed where ``flip``."""
     shape = (BH, width, rows) if flip else (BH, rows, width)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
@@ -570,7 +569,8 @@ def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, flip: bool) -
         torch.bmm(a, b, out=out)
 
 
-def _grad_view(g: torch.Tensor, shape: torch.Size, flip: bool) -> torch.Tensor:
+def _unflip(g: torch.Tensor, shape, flip: bool) -> torch.Tensor:
+    """A :func:`_buffer` as a (B, H, rows, width) tensor (a transposed view where ``flip``)."""
     if flip:
         B, H, rows, width = shape
         return g.view(B, H, width, rows).transpose(2, 3)

@@ -143,8 +143,7 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
     """Hugging Face's "sdpa" attention function, computed by ``spp_kernels.attention`` (any qk / v
     widths: the chunked CPU route, the Triton kernel on CUDA) where that is exact: no dropout,
     softcap, position bias or sliding window, and no mask, one that :func:`key_padding` reads as
-    key padding, or (on CPU) exactly the causal mask (a causal mask combined with padding is
-    neither: the op takes one or the other).
+    key padding, or (on CPU) one that :func:`causal_key_padding` reads as causal ∧ key padding.
     The same semantics as that function: causal only without a mask and for more than one query
     (``is_causal`` from the call, else the module's, default true) over as many keys as queries,
     GQA by repeating the kv heads. Returns (B, N, H, Dv), or None where Hugging Face's own
@@ -165,13 +164,14 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
         causal = causal and N > 1
         if causal and M != N:  # the function aligns a causal call without a mask top-left
             return None
-    else:  # a mask: SDPA applies it alone (a causal ∧ padding one is neither: refused)
+    else:  # a mask: SDPA applies it alone, so the op is causal only where the mask itself is
         keys = key_padding(attention_mask, B, M, q.device, queries=N)
         causal = False
         if keys is False:
-            if not is_causal_mask(attention_mask, B, N, M):
+            keys = causal_key_padding(attention_mask, B, N, M)
+            if keys is False:
                 return None
-            keys, causal = None, True
+            causal = True
     scale = kwargs.get("scaling")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return spp_kernels.attention(q, k, v, scale, keys, causal).transpose(1, 2)
@@ -207,21 +207,31 @@ def _remembered(slot: list, mask: torch.Tensor, args: tuple, compute):
     return result
 
 
-def is_causal_mask(attn_mask: torch.Tensor, batch: int, queries: int, keys: int) -> bool:
-    """Whether a (B|1, 1, N, M) CPU mask (bool, or additive with 0 / "minus infinity" as Hugging
-    Face builds them) is exactly the causal one, tril(M − N), in every batch row: a model that
-    builds its causal mask without padding (CLIP's text tower) then runs the op's causal path.
-    Remembered for the last mask, like :func:`key_padding`; other devices are not read (False)."""
+def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: int):
+    """A (B|1, 1, N, M) CPU mask (bool, or additive with 0 / "minus infinity" as Hugging Face
+    builds them) that is exactly causal (tril(M − N)) ∧ key padding, as the (B, M) key-padding
+    mask to give the op with ``is_causal`` (None when it pads nothing: a pure causal mask, as
+    CLIP's text tower builds); False for any other mask, on other devices (not read), and where
+    a query would see no key (left padding: the op gives such rows 0, the model's function does
+    not). Remembered for the last mask, like :func:`key_padding`."""
     return _remembered(_CAUSAL_LAST, attn_mask, (batch, queries, keys),
-                       lambda: _is_causal_mask(attn_mask, batch, queries, keys))
+                       lambda: _causal_key_padding(attn_mask, batch, queries, keys))
 
 
-def _is_causal_mask(m: torch.Tensor, batch: int, queries: int, keys: int) -> bool:
-    if (m.device.type != "cpu" or m.requires_grad or m.dim() != 4 or m.shape[1] != 1
+def _causal_key_padding(m: torch.Tensor, batch: int, queries: int, keys: int):
+    if (m.device.type != "cpu" or m.requires_grad or m.dim() != 4 or m.shape[1] != 1 or queries == 0
             or tuple(m.shape[2:]) != (queries, keys) or queries > keys or m.shape[0] not in (1, batch)):
         return False
     keep = _keep_of(m)
-    return keep is not None and bool((keep == spp_kernels.reference.causal_keep(queries, keys)).all())
+    if keep is None:
+        return False
+    keep = keep[:, 0]
+    pad = keep[:, -1, :]  # the last query sees every key that is not padding
+    if not torch.equal(keep, spp_kernels.reference.causal_keep(queries, keys) & pad[:, None, :]):
+        return False
+    if spp_kernels.reference._rows_without_keys(pad, True, queries, keys) is not None:
+        return False
+    return None if bool(pad.all()) else pad.expand(batch, keys)
 
 
 def _keep_of(m: torch.Tensor) -> Optional[torch.Tensor]:

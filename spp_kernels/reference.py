@@ -308,8 +308,6 @@ def check_attention(q, k, v, scale, attn_mask=None, is_causal=False) -> None:
             raise TypeError("attn_mask must be a bool tensor (True = attend) or None")
         if attn_mask.shape != (B, k.shape[2]):
             raise ValueError(f"attn_mask must be (batch, key tokens) = {(B, k.shape[2])}, got {tuple(attn_mask.shape)}")
-        if is_causal:
-            raise ValueError("give attn_mask or is_causal, not both")
 
 
 def causal_keep(N: int, M: int, device=None) -> torch.Tensor:
@@ -324,9 +322,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
     q: (B, H, N, D) float; k: (B, H, M, D); v: (B, H, M, Dv); scale: the *original* model's scale
     (pruning must not change it); attn_mask: (B, M) bool key-padding mask (True = attend) or None;
-    is_causal: query i attends keys j <= i (N == M). Returns (B, H, N, Dv) in q's dtype; softmax in
-    fp32. A query row with no key to attend gives zeros. Keys and values at masked-out (padding)
-    positions never reach the output, not even when they hold inf or NaN."""
+    is_causal: query i attends keys j <= i + M - N (both may be given: a key must pass both).
+    Returns (B, H, N, Dv) in q's dtype; softmax in fp32. A query row with no key to attend gives
+    zeros. Keys and values at masked-out (padding) positions never reach the output, not even when
+    they hold inf or NaN."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
     allowed = None
     if attn_mask is not None:
@@ -334,7 +333,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         k, v = _drop_masked(k, v, attn_mask)  # p = 0 there, but 0 * inf is NaN (in dq = dS k too)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if is_causal:
-        allowed = causal_keep(q.shape[2], k.shape[2], q.device)
+        causal = causal_keep(q.shape[2], k.shape[2], q.device)
+        allowed = causal if allowed is None else allowed & causal
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -416,26 +416,31 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _chunk_bias(q: torch.Tensor, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
-    """The additive 0 / -inf score bias of the chunked route: (B*H, 1, M) for key padding,
-    (1, N, M) for causal, or None."""
+    """The additive 0 / -inf score biases of the chunked route, a list of none, one or both of
+    (B*H, 1, M) for key padding and (1, N, M) for causal."""
+    biases = []
     if attn_mask is not None:
         B = attn_mask.shape[0]
         bias = torch.zeros(B, 1, 1, M, dtype=q.dtype, device=q.device)
         bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
-        return bias.expand(B, H, 1, M).reshape(B * H, 1, M)
+        biases.append(bias.expand(B, H, 1, M).reshape(B * H, 1, M))
     if is_causal:  # query i attends keys j <= i + M - N
         bias = torch.zeros(1, N, M, dtype=q.dtype, device=q.device)
-        return bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf"))
-    return None
+        biases.append(bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf")))
+    return biases
 
 
 def _chunk_probs(s: torch.Tensor, q3, k3, bias, scale: float, i: int, j: int) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias) of (batch, head) pairs i:j, in place in ``s``."""
     kt = k3[i:j].transpose(1, 2)
-    if bias is None:
+    part = [b[i:j] if b.shape[0] > 1 else b for b in bias]
+    if not part:
         torch.baddbmm(s, q3[i:j], kt, beta=0.0, alpha=scale, out=s)
-    else:
-        torch.baddbmm(bias[i:j] if bias.shape[0] > 1 else bias, q3[i:j], kt, alpha=scale, out=s)
+    elif len(part) == 1:
+        torch.baddbmm(part[0], q3[i:j], kt, alpha=scale, out=s)
+    else:  # key padding and causal: their sum first, in place of the single bias's copy
+        torch.add(part[0], part[1], out=s)
+        torch.baddbmm(s, q3[i:j], kt, alpha=scale, out=s)
     return torch.softmax(s, -1, out=s)
 
 
@@ -445,9 +450,27 @@ def _chunk_step(N: int, M: int, BH: int) -> int:
 
 def _no_key_rows(attn_mask: Optional[torch.Tensor], is_causal: bool, N: int, M: int) -> bool:
     """Whether some query row attends to no key (its softmax is NaN on the chunked route)."""
-    if is_causal:
-        return N > M
-    return attn_mask is not None and not bool(attn_mask.any(-1).all())
+    return _rows_without_keys(attn_mask, is_causal, N, M) is not None
+
+
+def _rows_without_keys(attn_mask: Optional[torch.Tensor], is_causal: bool, N: int, M: int,
+                       read: bool = True) -> Optional[torch.Tensor]:
+    """(B | 1, N) bool: the query rows that attend to no key (the op gives them 0), or None when
+    there are none. ``read=False`` (no host reads: other devices, transforms, compile) returns the
+    tensor whenever the mask could leave a row without keys, without looking at its values."""
+    if attn_mask is None:
+        if not (is_causal and N > M):
+            return None
+        return (torch.arange(N) < N - M)[None]  # causal queries i < N - M see no key
+    if not is_causal:
+        rows = (~attn_mask.any(-1))[:, None].expand(attn_mask.shape[0], N)
+    else:  # query i sees keys j <= i + M - N: none when no key of that prefix is kept
+        last = torch.arange(N, device=attn_mask.device) + (M - N)
+        seen = attn_mask.cumsum(-1).gather(1, last.clamp(min=0)[None].expand(attn_mask.shape[0], N)) > 0
+        rows = ~seen | (last < 0)[None]
+    if read and not bool(rows.any()):
+        return None
+    return rows
 
 
 def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -485,12 +508,9 @@ def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
         p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
         _bmm_into(p, v3[i:j], buf[i:j], flip)
     out = _unflip(buf, (B, H, N, Dv), flip)
-    if is_causal and N > M:  # queries i < N - M see no key: zeros, as in the reference
-        out[:, :, : N - M] = 0.0
-    if attn_mask is not None:  # batch rows with no key to attend: zeros (softmax gave NaN there)
-        empty = ~attn_mask.any(-1)
-        if bool(empty.any()):
-            out[empty] = 0.0
+    empty = _rows_without_keys(attn_mask, is_causal, N, M)
+    if empty is not None:  # rows with no key to attend: zeros, as in the reference (softmax gave NaN)
+        out.masked_fill_(empty.to(out.device)[:, None, :, None], 0.0)
     return out
 
 
@@ -589,13 +609,13 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     gradients even when they are inf or NaN (an additive mask alone would let them through). On
     CPUs a non-finite output sum sends the call round once more with them zeroed (reading the sum
     costs about 2 % of the call; zeroing every time would cost 10-20 %). They are zeroed first where
-    a batch row masks every key (its output is set to 0, so the sum cannot see it, but its gradient
+    a query row has no key (its output is set to 0, so the sum cannot see it, but its gradient
     could), on other devices, inside torch.func transforms and under torch.compile, where reading a
     value back is not free or not possible."""
     check_attention(q, k, v, scale, attn_mask, is_causal)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask)
     check = attn_mask is not None and host and not bool(attn_mask.all())
-    if attn_mask is not None and (not host or (check and not bool(attn_mask.any(-1).all()))):
+    if attn_mask is not None and (not host or (check and _no_key_rows(attn_mask, is_causal, q.shape[2], k.shape[2]))):
         k, v = _drop_masked(k, v, attn_mask)
         check = False
     out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
@@ -608,20 +628,19 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.Tensor:
     if use_cpu_chunked(q, k, v, attn_mask):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal)
-    mask = None if attn_mask is None else attn_mask[:, None, None, :]
     N, M = q.shape[2], k.shape[2]
-    if is_causal and N != M:  # SDPA aligns is_causal top-left; the op's contract is tril(M - N)
-        mask = causal_keep(N, M, q.device)
+    # rows with no key (on CPUs only read when some may exist): they attend every key inside SDPA,
+    # so that neither its forward nor its backward meets an all-masked row, and are zeroed after
+    empty = _rows_without_keys(attn_mask, is_causal, N, M, read=host)
+    mask = None if attn_mask is None else attn_mask[:, None, None, :]
+    if is_causal and (N != M or mask is not None):  # SDPA aligns is_causal top-left and takes no mask with it
+        causal = causal_keep(N, M, q.device)
+        mask = causal if mask is None else mask & causal
         is_causal = False
+    if empty is not None:
+        empty = empty.to(q.device)[:, None, :, None]
+        mask = mask | empty
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]
-    if mask is not None and attn_mask is None and N > M:  # causal queries that see no key
-        out = out.clone()
-        out[:, :, : N - M] = 0.0
-    if attn_mask is not None:
-        empty = ~attn_mask.any(-1)
-        # on CPUs reading the flag is free and usually spares a pass over the output
-        if not host or bool(empty.any()):
-            out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out
+    return out if empty is None else out.masked_fill(empty, 0.0)

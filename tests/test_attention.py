@@ -40,12 +40,12 @@ def padding_mask(B, N, seed=1):
 @pytest.mark.parametrize("fn", [reference.attention, reference.sdpa_attention], ids=["reference", "sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("masking", ["none", "padding", "causal"])
+@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_padding"])
 def test_attention_matches_the_oracle(fn, dtype, shape, masking):
     q, k, v = inputs(shape, dtype)
     scale = 1 / math.sqrt(64)  # the original head width's scale, not the pruned one's
-    mask = padding_mask(shape[0], shape[2]) if masking == "padding" else None
-    causal = masking == "causal"
+    mask = padding_mask(shape[0], shape[2]) if masking.endswith("padding") else None
+    causal = masking.startswith("causal")
     out = fn(q, k, v, scale, mask, causal)
     assert out.dtype == dtype and out.shape == (*shape[:3], shape[4])
     want = oracle_attention(q, k, v, scale, mask, causal)
@@ -70,7 +70,8 @@ def test_public_op_dispatches_to_sdpa_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("chunk_heads", [1, 2, 5, 100], ids=lambda c: f"chunk{c}")
-@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_short_q", "causal_long_q", "empty_row"])
+@pytest.mark.parametrize("masking", ["none", "padding", "causal", "causal_short_q", "causal_long_q", "empty_row",
+                                     "causal_padding", "causal_left_padding"])
 @pytest.mark.parametrize("widths", [(5, 9), (16, 9), (5, 32), (16, 32)], ids=lambda w: f"D{w[0]}_Dv{w[1]}")
 def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, masking, widths):
     """The fp32 CPU inference path of the torch backend (batched GEMM → softmax → GEMM in chunks
@@ -87,10 +88,14 @@ def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, mask
     q = torch.randn(B, H, N, D, generator=g)
     k, v = torch.randn(B, H, M, D, generator=g), torch.randn(B, H, M, Dv, generator=g)
     mask = None
-    if masking in ("padding", "empty_row"):
+    if masking in ("padding", "empty_row", "causal_padding"):
         mask = padding_mask(B, M, seed=3)
         if masking == "empty_row":
             mask[1] = False
+    if masking == "causal_left_padding":  # the first queries of batch rows 1 and 2 see no key
+        mask = torch.ones(B, M, dtype=torch.bool)
+        mask[1, :3] = False
+        mask[2, :1] = False
     causal = masking.startswith("causal")
     monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", chunk_heads * N * M * 4)
     assert reference.use_cpu_chunked(q, k, v)
@@ -117,6 +122,9 @@ def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, mask
         assert all(torch.all(gr[1] == 0) for gr in grads)
     if masking == "causal_long_q":
         assert torch.all(out[:, :, :2] == 0) and torch.all(grads[0][:, :, :2] == 0)
+    if masking == "causal_left_padding":
+        assert torch.all(out[1, :, :3] == 0) and torch.all(out[2, :, :1] == 0) and torch.all(grads[0][1, :, :3] == 0)
+        assert out[1, :, 3:].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dims", [(0, 3, 7, 7), (2, 3, 0, 7), (2, 3, 7, 0), (1, 1, 1, 1)], ids=lambda d: "B%d_H%d_N%d_M%d" % d)
@@ -198,7 +206,6 @@ def test_cpu_chunked_path_is_taken_only_for_fp32_at_moderate_lengths(monkeypatch
     (lambda q, k, v: (q, k, v, 0.0, None, False), "scale must be"),
     (lambda q, k, v: (q, k, v, 0.5, torch.ones(2, 5), False), "bool tensor"),
     (lambda q, k, v: (q, k, v, 0.5, torch.ones(2, 4, dtype=torch.bool), False), "attn_mask must be"),
-    (lambda q, k, v: (q, k, v, 0.5, torch.ones(2, 5, dtype=torch.bool), True), "not both"),
 ])
 def test_bad_arguments_name_the_argument(bad, match):
     q, k, v = inputs((2, 2, 5, 3, 4), torch.float32)
@@ -293,13 +300,15 @@ def test_hf_attention_on_pruned_widths_matches_eager(impl):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["causal", "causal_gqa", "causal_mask", "encoder_padded", "decode_padded",
-                                  "causal_padded", "causal_cache", "dropout", "sliding_window"])
+@pytest.mark.parametrize("case", ["causal", "causal_gqa", "causal_mask", "causal_padded", "encoder_padded",
+                                  "decode_padded", "causal_left_padded", "causal_cache", "dropout",
+                                  "sliding_window"])
 def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     """hf_attention with "sdpa" computes Hugging Face's sdpa function through spp_kernels.attention
-    where the op is exact (no mask or key padding, causal over as many keys as queries, GQA), and
-    leaves the rest to that function (causal ∧ padding, a causal call with cached keys, dropout,
-    sliding windows); both give the function's numbers on unequal widths."""
+    where the op is exact (no mask, key padding, causal over as many keys as queries, a causal ∧
+    padding mask in which every query sees a key, GQA), and leaves the rest to that function (left
+    padding, a causal call with cached keys, dropout, sliding windows); both give the function's
+    numbers on unequal widths."""
     import types
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -322,7 +331,9 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     mask = None
     if case in ("encoder_padded", "decode_padded"):  # HF's additive form, one row per batch row
         mask = torch.zeros(B, 1, N, M).masked_fill(~pad[:, None, None, :], torch.finfo(torch.float32).min)
-    if case == "causal_padded":
+    if case in ("causal_padded", "causal_left_padded"):  # HF's additive causal ∧ padding mask
+        if case == "causal_left_padded":  # the first queries of batch rows 1 and 2 see no key
+            pad = pad.flip(-1)
         keep = torch.ones(N, M, dtype=torch.bool).tril() & pad[:, None, None, :]
         mask = torch.zeros(B, 1, N, M).masked_fill(~keep, torch.finfo(torch.float32).min)
     if case == "causal_mask":  # a causal mask built without padding, as CLIP's text tower does
@@ -339,12 +350,12 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     op = spp_kernels.attention
     monkeypatch.setattr(spp_kernels, "attention", lambda *a: calls.append(a[4:]) or op(*a))
     got, weights = hf_attention(module, cfg, eager_attention_forward, q, k, v, mask, **kw)
-    ours = case in ("causal", "causal_gqa", "causal_mask", "encoder_padded", "decode_padded")
+    ours = case in ("causal", "causal_gqa", "causal_mask", "causal_padded", "encoder_padded", "decode_padded")
     assert len(calls) == (1 if ours else 0), calls
     if ours:
         keys, causal = calls[0]
         assert causal == case.startswith("causal")
-        assert (keys is None) == case.startswith("causal")
+        assert (keys is None) == (case in ("causal", "causal_gqa", "causal_mask"))
     assert got.shape == (B, N, H, Dv) and weights is None
     if case != "dropout":
         want, _ = sdpa_attention_forward(module, q, k, v, mask, **kw)

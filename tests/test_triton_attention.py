@@ -31,7 +31,7 @@ SHAPES = [  # (B, H, N, D_qk, D_v)
     (1, 2, 33, 40, 13),
     (1, 2, 65, 52, 64),
 ]
-MASKS = ["none", "padding", "causal"]
+MASKS = ["none", "padding", "causal", "causal_padding", "causal_left_padding"]
 
 
 def inputs(shape, dtype, seed=0, M=None):
@@ -45,14 +45,18 @@ def inputs(shape, dtype, seed=0, M=None):
 
 
 def mask_args(kind, B, M, seed=1):
-    """(attn_mask, is_causal); the padding mask keeps all keys of batch 0 and >= 1 of the others."""
+    """(attn_mask, is_causal); the padding mask keeps all keys of batch 0 and >= 1 of the others
+    (at the end, or for "causal_left_padding" at the start, where the first queries see no key)."""
     if kind == "causal":
         return None, True
-    if kind == "padding":
+    if kind in ("padding", "causal_padding", "causal_left_padding"):
         g = torch.Generator().manual_seed(seed)
         lengths = torch.randint(1, M + 1, (B,), generator=g)
         lengths[0] = M
-        return (torch.arange(M)[None, :] < lengths[:, None]).to(DEVICE), False
+        keep = torch.arange(M)[None, :] < lengths[:, None]
+        if kind == "causal_left_padding":
+            keep = keep.flip(-1)
+        return keep.to(DEVICE), kind.startswith("causal")
     return None, False
 
 
@@ -65,7 +69,8 @@ def attention64(q, k, v, scale, attn_mask=None, is_causal=False):
     if attn_mask is not None:
         allowed = attn_mask[:, None, None, :]
     if is_causal:
-        allowed = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+        causal = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
+        allowed = causal if allowed is None else allowed & causal
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)

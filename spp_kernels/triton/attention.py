@@ -374,8 +374,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
     q: (B, H, N, D); k: (B, H, M, D); v: (B, H, M, Dv) (fp32/fp16/bf16, any widths, D != Dv
     allowed); scale: explicit; attn_mask: (B, M) bool key padding (True = attend) or None;
-    is_causal: query i attends keys j <= i + (M - N). Returns (B, H, N, Dv) in q's dtype;
-    differentiable w.r.t. q, k, v. Rows with no key to attend give 0 and 0 gradients."""
+    is_causal: query i attends keys j <= i + (M - N) (with a mask too: a key must pass both).
+    Returns (B, H, N, Dv) in q's dtype; differentiable w.r.t. q, k, v. Rows with no key to
+    attend give 0 and 0 gradients."""
     reference.check_attention(q, k, v, scale, attn_mask, is_causal)
     _check_device(q)
     return attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale),

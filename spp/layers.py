@@ -168,7 +168,7 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
         keys = key_padding(attention_mask, B, M, q.device, queries=N)
         causal = False
         if keys is False:
-            keys = causal_key_padding(attention_mask, B, N, M)
+            keys = causal_key_padding(attention_mask, B, N, M, q.device)
             if keys is False:
                 return None
             causal = True
@@ -207,13 +207,17 @@ def _remembered(slot: list, mask: torch.Tensor, args: tuple, compute):
     return result
 
 
-def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: int):
+def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: int,
+                       device: Optional[torch.device] = None):
     """A (B|1, 1, N, M) CPU mask (bool, or additive with 0 / "minus infinity" as Hugging Face
     builds them) that is exactly causal (tril(M − N)) ∧ key padding, as the (B, M) key-padding
     mask to give the op with ``is_causal`` (None when it pads nothing: a pure causal mask, as
     CLIP's text tower builds); False for any other mask, on other devices (not read), and where
     a query would see no key (left padding: the op gives such rows 0, the model's function does
-    not). Remembered for the last mask, like :func:`key_padding`."""
+    not), or when the attention runs on another ``device``. Remembered for the last mask, like
+    :func:`key_padding`."""
+    if device is not None and torch.device(device) != attn_mask.device:
+        return False
     return _remembered(_CAUSAL_LAST, attn_mask, (batch, queries, keys),
                        lambda: _causal_key_padding(attn_mask, batch, queries, keys))
 

@@ -464,10 +464,10 @@ def _rows_without_keys(attn_mask: Optional[torch.Tensor], is_causal: bool, N: in
         return (torch.arange(N) < N - M)[None]  # causal queries i < N - M see no key
     if not is_causal:
         rows = (~attn_mask.any(-1))[:, None].expand(attn_mask.shape[0], N)
-    else:  # query i sees keys j <= i + M - N: none when no key of that prefix is kept
-        last = torch.arange(N, device=attn_mask.device) + (M - N)
-        seen = attn_mask.cumsum(-1).gather(1, last.clamp(min=0)[None].expand(attn_mask.shape[0], N)) > 0
-        rows = ~seen | (last < 0)[None]
+    else:  # query i sees keys j < i + M - N + 1: none when no key of that prefix is kept
+        kept = F.pad(attn_mask.cumsum(-1), (1, 0))  # kept[:, n]: how many of the first n keys are kept
+        upto = (torch.arange(N, device=attn_mask.device) + (M - N + 1)).clamp(min=0)
+        rows = kept.gather(1, upto[None].expand(attn_mask.shape[0], N)) == 0
     if read and not bool(rows.any()):
         return None
     return rows
@@ -639,7 +639,8 @@ def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.
         is_causal = False
     if empty is not None:
         empty = empty.to(q.device)[:, None, :, None]
-        mask = mask | empty
+        if host or mask.shape[2] != 1:  # not where it would widen a broadcast key-padding mask unread
+            mask = mask | empty
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]

@@ -129,24 +129,34 @@ def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, mask
 
 @pytest.mark.parametrize("dims", [(0, 3, 7, 7), (2, 3, 0, 7), (2, 3, 7, 0), (1, 1, 1, 1)], ids=lambda d: "B%d_H%d_N%d_M%d" % d)
 @pytest.mark.parametrize("widths", [(5, 9), (16, 32), (0, 9), (5, 0)], ids=lambda w: f"D{w[0]}_Dv{w[1]}")
-def test_cpu_chunked_path_empty_and_tiny_shapes(dims, widths):
-    """Zero batch, queries, keys or widths on the chunked route (transposed and plain products):
-    the oracle's numbers, forward and backward (no keys: zeros, as in the reference)."""
+@pytest.mark.parametrize("masking", ["none", "causal_padding"])
+def test_cpu_chunked_path_empty_and_tiny_shapes(dims, widths, masking):
+    """Zero batch, queries, keys or widths on the chunked route (transposed and plain products),
+    also with key padding and causal together: the oracle's numbers, forward and backward (no
+    keys: zeros, as in the reference); the SDPA route (bf16) gives the reference's too."""
     (B, H, N, M), (D, Dv) = dims, widths
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, M, D, generator=g)
     v = torch.randn(B, H, M, Dv, generator=g)
+    mask, causal = None, False
+    if masking == "causal_padding":
+        mask, causal = torch.ones(B, M, dtype=torch.bool), True
+        if M:
+            mask[:, M - 1] = False
     assert reference.use_cpu_chunked(q, k, v)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    torch.testing.assert_close(reference.sdpa_attention(qb, kb, vb, 0.37, mask, causal),
+                               reference.attention(qb, kb, vb, 0.37, mask, causal), rtol=2e-2, atol=2e-2)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    out = reference.cpu_chunked_attention(qg, kg, vg, 0.37)
-    want = reference.attention(q, k, v, 0.37)
+    out = reference.cpu_chunked_attention(qg, kg, vg, 0.37, mask, causal)
+    want = reference.attention(q, k, v, 0.37, mask, causal)
     assert out.shape == (B, H, N, Dv)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(reference.cpu_chunked_attention(q, k, v, 0.37), out, rtol=0, atol=0)
+    torch.testing.assert_close(reference.cpu_chunked_attention(q, k, v, 0.37, mask, causal), out, rtol=0, atol=0)
     do = torch.randn(out.shape, generator=g)
     grads = torch.autograd.grad(out, (qg, kg, vg), do, allow_unused=True)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    o64 = oracle_attention(q64, k64, v64, 0.37, None, False)  # no rows or no keys: no graph, zero gradients
+    o64 = oracle_attention(q64, k64, v64, 0.37, mask, causal)  # no rows or no keys: no graph, zero gradients
     want_g = torch.autograd.grad(o64, (q64, k64, v64), do.double(), allow_unused=True) if o64.requires_grad \
         else (None, None, None)
     for name, a, b in zip("qkv", grads, want_g):

@@ -233,7 +233,7 @@ def _causal_key_padding(m: torch.Tensor, batch: int, queries: int, keys: int):
     pad = keep[:, -1, :]  # the last query sees every key that is not padding
     if not torch.equal(keep, spp_kernels.reference.causal_keep(queries, keys) & pad[:, None, :]):
         return False
-    if spp_kernels.reference._rows_without_keys(pad, True, queries, keys) is not None:
+    if spp_kernels.reference._no_key_rows(pad, True, queries, keys):
         return False
     return None if bool(pad.all()) else pad.expand(batch, keys)
 

@@ -629,8 +629,9 @@ def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.
     if use_cpu_chunked(q, k, v, attn_mask):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal)
     N, M = q.shape[2], k.shape[2]
-    # rows with no key (on CPUs only read when some may exist): they attend every key inside SDPA,
-    # so that neither its forward nor its backward meets an all-masked row, and are zeroed after
+    # rows with no key (on CPUs read back, so None when there are none; elsewhere whenever the mask
+    # could leave some): they attend every key inside SDPA, so that neither its forward nor its
+    # backward meets an all-masked row, and are zeroed after
     empty = _rows_without_keys(attn_mask, is_causal, N, M, read=host)
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
     if is_causal and (N != M or mask is not None):  # SDPA aligns is_causal top-left and takes no mask with it

@@ -27,6 +27,9 @@ def inclusion_step(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count,
     )
 
 
-def attention(q, k, v, scale, attn_mask=None, is_causal=False):
-    """``softmax(q kᵀ · scale) v`` for any qk and v widths; see reference.attention."""
-    return dispatch.resolve("attention", q.device)(q, k, v, scale, attn_mask, is_causal)
+def attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
+    """``softmax(q kᵀ · scale + bias) v`` for any qk and v widths; see reference.attention."""
+    fn = dispatch.resolve("attention", q.device)
+    if bias is None:
+        return fn(q, k, v, scale, attn_mask, is_causal)
+    return fn(q, k, v, scale, attn_mask, is_causal, bias=bias)

@@ -284,7 +284,7 @@ def inclusion_step(
         support_count.add_(nz.to(torch.int32))
 
 
-def check_attention(q, k, v, scale, attn_mask=None, is_causal=False) -> None:
+def check_attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None) -> None:
     """Validate the arguments of :func:`attention` (shared by every backend)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
@@ -308,6 +308,34 @@ def check_attention(q, k, v, scale, attn_mask=None, is_causal=False) -> None:
             raise TypeError("attn_mask must be a bool tensor (True = attend) or None")
         if attn_mask.shape != (B, k.shape[2]):
             raise ValueError(f"attn_mask must be (batch, key tokens) = {(B, k.shape[2])}, got {tuple(attn_mask.shape)}")
+    if bias is not None:
+        check_bias(bias, q, k.shape[2])
+
+
+def check_bias(bias, q: torch.Tensor, M: int) -> None:
+    """Validate :func:`attention`'s additive ``bias``: a float (Bb, Hb, N, M) tensor on q's device
+    with Bb dividing the batch and Hb in {1, heads}; finite (read on CPUs outside transforms and
+    compile; elsewhere it is the caller's promise: exclude keys with ``attn_mask`` / ``is_causal``)."""
+    B, H, N = q.shape[:3]
+    if not isinstance(bias, torch.Tensor) or bias.dtype not in FLOAT_DTYPES:
+        raise TypeError("bias must be a float32/float16/bfloat16 tensor (added to the scores) or None, got "
+                        + (str(bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__))
+    if bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device}, q on {q.device}")
+    if bias.dim() != 4 or bias.shape[2:] != (N, M) or bias.shape[1] not in (1, H) or bias.shape[0] < 1 \
+            or B % bias.shape[0]:
+        raise ValueError(f"bias must be (Bb, 1 or heads, queries, keys) = (Bb, 1 or {H}, {N}, {M}) with Bb "
+                         f"dividing the batch {B} (batch row b adds bias[b % Bb]), got {tuple(bias.shape)}")
+    if q.device.type == "cpu" and _host_reads_ok(bias) and not bool(torch.isfinite(bias).all()):
+        raise ValueError("bias must be finite (exclude keys with attn_mask / is_causal, not with -inf)")
+
+
+def tile_bias(bias: torch.Tensor, B: int) -> torch.Tensor:
+    """(Bb, Hb, N, M) → (B, Hb, N, M), batch row b = bias[b % Bb] (differentiable; a view when
+    Bb == 1)."""
+    if bias.shape[0] == 1:
+        return bias.expand(B, *bias.shape[1:])
+    return bias.repeat(B // bias.shape[0], 1, 1, 1)
 
 
 def causal_keep(N: int, M: int, device=None) -> torch.Tensor:
@@ -316,22 +344,28 @@ def causal_keep(N: int, M: int, device=None) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + mask) v`` where the qk width may differ from the v width and
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + bias + mask) v`` where the qk width may differ from the v width and
     either may be any size (pruned attention).
 
     q: (B, H, N, D) float; k: (B, H, M, D); v: (B, H, M, Dv); scale: the *original* model's scale
     (pruning must not change it); attn_mask: (B, M) bool key-padding mask (True = attend) or None;
-    is_causal: query i attends keys j <= i + M - N (both may be given: a key must pass both).
+    is_causal: query i attends keys j <= i + M - N (both may be given: a key must pass both);
+    bias: None or a finite float (Bb, Hb, N, M) added to the scaled scores, Hb in {1, H}, Bb
+    dividing B with batch row b adding ``bias[b % Bb]`` (Swin's relative position bias plus its
+    shifted-window mask: windows of every image share them); differentiable.
     Returns (B, H, N, Dv) in q's dtype; softmax in fp32. A query row with no key to attend gives
     zeros. Keys and values at masked-out (padding) positions never reach the output, not even when
     they hold inf or NaN."""
-    check_attention(q, k, v, scale, attn_mask, is_causal)
+    check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     allowed = None
     if attn_mask is not None:
         allowed = attn_mask[:, None, None, :]
         k, v = _drop_masked(k, v, attn_mask)  # p = 0 there, but 0 * inf is NaN (in dq = dS k too)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + tile_bias(bias, q.shape[0]).float()
     if is_causal:
         causal = causal_keep(q.shape[2], k.shape[2], q.device)
         allowed = causal if allowed is None else allowed & causal
@@ -394,25 +428,30 @@ def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
 
 
 def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    attn_mask: Optional[torch.Tensor] = None) -> bool:
+                    attn_mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention` (inference and training
     alike): fp32 CPU tensors that no torch.func transform (vmap, grad) wraps, outside
     torch.compile (compiled graphs keep SDPA); SDPA's flash kernel not switched off
     (``sdpa_kernel(MATH)`` keeps SDPA's math path exactly); not inside :func:`sdpa_only`; one
     head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose
-    memory does not grow with N·M); and unequal qk / v widths (flash would need them padded).
-    Where flash takes the widths as they are it was faster, even where the scores fit one chunk
-    (12 heads, 128 tokens, 2-core EPYC): at batch 1 by 5-12 % at widths 24 and 32 with key
-    padding (300 interleaved repeats) and by 1-19 % over widths 16-64 in a shorter run, at batch
-    64 by 7-19 % over widths 16-64, with and without key padding."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or not _host_reads_ok(q, k, v, attn_mask):
+    memory does not grow with N·M); and unequal qk / v widths (flash would need them padded) or an
+    additive ``bias``. Where flash takes the widths as they are and there is no bias it was faster,
+    even where the scores fit one chunk (12 heads, 128 tokens, 2-core EPYC): at batch 1 by 5-12 %
+    at widths 24 and 32 with key padding (300 interleaved repeats) and by 1-19 % over widths 16-64
+    in a shorter run, at batch 64 by 7-19 % over widths 16-64, with and without key padding. With
+    a bias SDPA needs it tiled to the batch (Swin's windows) and the chunked route was faster also
+    at equal widths: Swin-T windows (49 tokens, 32-wide heads, 64 images) 1.2-2x forward and
+    1.5x forward + backward, 12 heads of 128 tokens 1.2x at batch 64 and 1.9x at batch 1; only
+    DeiT-S-like heads (197 tokens, width 64, one shared bias) were 6 % slower forward, 2 % forward
+    + backward — a shape no adapter gives a bias."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or not _host_reads_ok(q, k, v, attn_mask, bias):
         return False
     if _SDPA_ONLY.get() or not torch.backends.cuda.flash_sdp_enabled():
         return False
     N, D = q.shape[2], q.shape[3]
     if N * k.shape[2] * 4 > CPU_SCORE_CHUNK_BYTES:
         return False
-    return D != v.shape[-1]
+    return D != v.shape[-1] or bias is not None
 
 
 def _chunk_bias(q: torch.Tensor, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
@@ -430,11 +469,28 @@ def _chunk_bias(q: torch.Tensor, H: int, N: int, M: int, attn_mask: Optional[tor
     return biases
 
 
-def _chunk_probs(s: torch.Tensor, q3, k3, bias, scale: float, i: int, j: int) -> torch.Tensor:
-    """softmax(q kᵀ · scale + bias) of (batch, head) pairs i:j, in place in ``s``."""
+def _bias_rows(bias: Optional[torch.Tensor], B: int, H: int, dtype: torch.dtype):
+    """The chunked route's view of :func:`attention`'s ``bias``: (table (Bb·Hb, N, M) in ``dtype``,
+    row (B·H,) int64: the table row that (batch, head) pair r adds), or None."""
+    if bias is None:
+        return None
+    Bb, Hb = bias.shape[:2]
+    b = torch.arange(B, device=bias.device)[:, None] % Bb
+    h = torch.arange(H, device=bias.device)[None, :] % Hb
+    return bias.to(dtype).reshape(Bb * Hb, *bias.shape[2:]), (b * Hb + h).reshape(-1)
+
+
+def _chunk_probs(s: torch.Tensor, q3, k3, bias, scale: float, i: int, j: int, rows=None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + biases) of (batch, head) pairs i:j, in place in ``s``; ``bias``: the
+    mask biases of :func:`_chunk_bias`, ``rows``: the additive bias of :func:`_bias_rows`."""
     kt = k3[i:j].transpose(1, 2)
     part = [b[i:j] if b.shape[0] > 1 else b for b in bias]
-    if not part:
+    if rows is not None:  # the gathered bias rows first, the mask biases onto them
+        torch.index_select(rows[0], 0, rows[1][i:j], out=s)
+        for b in part:
+            s.add_(b)
+        torch.baddbmm(s, q3[i:j], kt, alpha=scale, out=s)
+    elif not part:
         torch.baddbmm(s, q3[i:j], kt, beta=0.0, alpha=scale, out=s)
     elif len(part) == 1:
         torch.baddbmm(part[0], q3[i:j], kt, alpha=scale, out=s)
@@ -474,7 +530,8 @@ def _rows_without_keys(attn_mask: Optional[torch.Tensor], is_causal: bool, N: in
 
 
 def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+                          attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 CPU attention at the pruned widths as they are: per chunk of (batch, head) pairs,
     ``baddbmm`` (scale and mask bias folded in) → softmax in place → ``bmm`` into the output.
     Chunks hold at most ``CPU_SCORE_CHUNK_BYTES`` of scores so they stay in cache. Differentiable:
@@ -485,13 +542,15 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     common one, forward, and 1.09-1.87x forward + backward; SDPA on the unequal widths as they are
     is slower still. No padding: compute falls with both widths. Products whose per-head output
     width is not a multiple of 16 run transposed (see :func:`_flip`), so the output and the
-    gradients may come back as non-contiguous views: reshape them, do not ``view`` them."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal)
-    return _chunked_forward(q, k, v, scale, attn_mask, is_causal)
+    gradients may come back as non-contiguous views: reshape them, do not ``view`` them. The
+    additive ``bias`` is gathered per chunk from its (Bb·Hb) rows (never tiled to the batch) and
+    its gradient summed back into them."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+        return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal, bias)
+    return _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias)
 
 
-def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
+def _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias=None) -> torch.Tensor:
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[-1]
     BH = B * H
@@ -500,12 +559,13 @@ def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
     buf = _buffer(BH, N, Dv, flip, q)
     if BH == 0 or N == 0:
         return _unflip(buf, (B, H, N, Dv), flip)
-    bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
+    masks = _chunk_bias(q, H, N, M, attn_mask, is_causal)
+    rows = _bias_rows(bias, B, H, q.dtype)
     step = _chunk_step(N, M, BH)
     scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
     for i in range(0, BH, step):
         j = min(BH, i + step)
-        p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
+        p = _chunk_probs(scores[: j - i], q3, k3, masks, scale, i, j, rows)
         _bmm_into(p, v3[i:j], buf[i:j], flip)
     out = _unflip(buf, (B, H, N, Dv), flip)
     empty = _rows_without_keys(attn_mask, is_causal, N, M)
@@ -516,20 +576,22 @@ def _chunked_forward(q, k, v, scale, attn_mask, is_causal) -> torch.Tensor:
 
 class _CpuChunkedAttention(torch.autograd.Function):
     """The chunked route with its own backward, chunk by chunk: P recomputed, dV = Pᵀ dO,
-    dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = scale · dS K, dK = scale · dSᵀ Q."""
+    dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = scale · dS K, dK = scale · dSᵀ Q, and dbias the
+    sum of dS over the (batch, head) pairs that share each bias row."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, attn_mask, is_causal):
-        out = _chunked_forward(q, k, v, scale, attn_mask, is_causal)
-        ctx.save_for_backward(q, k, v, out)
+    def forward(ctx, q, k, v, scale, attn_mask, is_causal, bias):
+        out = _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias)
+        ctx.save_for_backward(q, k, v, out, bias)
         ctx.scale, ctx.attn_mask, ctx.is_causal = scale, attn_mask, is_causal
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, bias = ctx.saved_tensors
         scale, attn_mask, is_causal = ctx.scale, ctx.attn_mask, ctx.is_causal
+        want_dbias = bias is not None and ctx.needs_input_grad[6]
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[-1]
         BH = B * H
@@ -537,30 +599,36 @@ class _CpuChunkedAttention(torch.autograd.Function):
         dq = _buffer(BH, N, D, flip_qk, q)
         dk = _buffer(BH, M, D, flip_qk, q)
         dv = _buffer(BH, M, Dv, flip_v, q)
+        dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device) if want_dbias else None
         if BH == 0 or N == 0 or M == 0:
-            return dq.zero_().view(q.shape), dk.zero_().view(k.shape), dv.zero_().view(v.shape), None, None, None
+            return dq.zero_().view(q.shape), dk.zero_().view(k.shape), dv.zero_().view(v.shape), None, None, None, \
+                None if dbias is None else dbias.to(bias.dtype)
         q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
         do3 = do.reshape(BH, N, Dv)
         delta = (do * out).sum(-1, keepdim=True).reshape(BH, N, 1)  # rowsum(dO ⊙ O)
-        bias = _chunk_bias(q, H, N, M, attn_mask, is_causal)
+        masks = _chunk_bias(q, H, N, M, attn_mask, is_causal)
+        rows = _bias_rows(bias, B, H, q.dtype)
+        dtable = None if dbias is None else dbias.view(rows[0].shape)
         no_key = _no_key_rows(attn_mask, is_causal, N, M)
         step = _chunk_step(N, M, BH)
         scores = torch.empty(min(step, BH), N, M, dtype=q.dtype, device=q.device)
         dscores = torch.empty_like(scores)
         for i in range(0, BH, step):
             j = min(BH, i + step)
-            p = _chunk_probs(scores[: j - i], q3, k3, bias, scale, i, j)
+            p = _chunk_probs(scores[: j - i], q3, k3, masks, scale, i, j, rows)
             if no_key:  # rows with no key: P = 0 there (softmax gave NaN), so they pass no gradient
                 p.nan_to_num_(nan=0.0)
             _bmm_into(p.transpose(1, 2), do3[i:j], dv[i:j], flip_v)  # dV = Pᵀ dO
             ds = torch.bmm(do3[i:j], v3[i:j].transpose(1, 2), out=dscores[: j - i])
-            ds.sub_(delta[i:j]).mul_(p)
+            ds.sub_(delta[i:j]).mul_(p)  # the gradient of the scores (after scale and bias)
+            if dtable is not None:
+                dtable.index_add_(0, rows[1][i:j], ds)
             _bmm_into(ds, k3[i:j], dq[i:j], flip_qk)  # dQ = dS K
             _bmm_into(ds.transpose(1, 2), q3[i:j], dk[i:j], flip_qk)  # dK = dSᵀ Q
         dq.mul_(scale)
         dk.mul_(scale)
         return _unflip(dq, q.shape, flip_qk), _unflip(dk, k.shape, flip_qk), _unflip(dv, v.shape, flip_v), \
-            None, None, None
+            None, None, None, None if dbias is None else dbias.to(bias.dtype)
 
 
 # The chunked route's GEMMs whose output is (rows, width) per (batch, head): where the width is
@@ -598,7 +666,8 @@ def _unflip(g: torch.Tensor, shape, flip: bool) -> torch.Tensor:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+                   attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The torch backend of :func:`attention`: PyTorch's SDPA (its fast kernels where they accept
     the widths, its math path elsewhere; on CPUs unequal qk/v widths are zero-padded to the larger
     one, which keeps the flash kernel), with rows that attend to no key set to 0 as in the reference.
@@ -611,30 +680,34 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     costs about 2 % of the call; zeroing every time would cost 10-20 %). They are zeroed first where
     a query row has no key (its output is set to 0, so the sum cannot see it, but its gradient
     could), on other devices, inside torch.func transforms and under torch.compile, where reading a
-    value back is not free or not possible."""
-    check_attention(q, k, v, scale, attn_mask, is_causal)
-    host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask)
+    value back is not free or not possible.
+
+    An additive ``bias`` goes to SDPA tiled to the batch, as its float mask (with -inf where the
+    masks exclude a key); the chunked route gathers it per chunk instead."""
+    check_attention(q, k, v, scale, attn_mask, is_causal, bias)
+    host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     check = attn_mask is not None and host and not bool(attn_mask.all())
     if attn_mask is not None and (not host or (check and _no_key_rows(attn_mask, is_causal, q.shape[2], k.shape[2]))):
         k, v = _drop_masked(k, v, attn_mask)
         check = False
-    out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
+    out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias)
     if check and not math.isfinite(float(out.detach().sum(dtype=torch.float32))):
         k, v = _drop_masked(k, v, attn_mask)
-        out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host)
+        out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias)
     return out
 
 
-def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.Tensor:
-    if use_cpu_chunked(q, k, v, attn_mask):
-        return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal)
+def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None) -> torch.Tensor:
+    if use_cpu_chunked(q, k, v, attn_mask, bias):
+        return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal, bias)
     N, M = q.shape[2], k.shape[2]
     # rows with no key (on CPUs read back, so None when there are none; elsewhere whenever the mask
     # could leave some): they attend every key inside SDPA, so that neither its forward nor its
     # backward meets an all-masked row, and are zeroed after
     empty = _rows_without_keys(attn_mask, is_causal, N, M, read=host)
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
-    if is_causal and (N != M or mask is not None):  # SDPA aligns is_causal top-left and takes no mask with it
+    # SDPA aligns is_causal top-left and takes no mask with it
+    if is_causal and (N != M or mask is not None or bias is not None):
         causal = causal_keep(N, M, q.device)
         mask = causal if mask is None else mask & causal
         is_causal = False
@@ -642,6 +715,9 @@ def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool) -> torch.
         empty = empty.to(q.device)[:, None, :, None]
         if host or mask.shape[2] != 1:  # not where it would widen a broadcast key-padding mask unread
             mask = mask | empty
+    if bias is not None:
+        tiled = tile_bias(bias, q.shape[0]).to(q.dtype)
+        mask = tiled if mask is None else tiled.masked_fill(~mask, float("-inf"))
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]

@@ -39,9 +39,9 @@ def oracle_pair(x, W1, b1, m, W2, b2, act, active=None):
     return out if b2 is None else out + b2.double()
 
 
-def oracle_attention(q, k, v, scale, attn_mask=None, is_causal=False):
+def oracle_attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     """Attention from its formula in float64, one query row at a time (explicit exp-normalise;
-    a row with no key to attend is 0)."""
+    a row with no key to attend is 0). ``bias`` (Bb, Hb, N, M): batch row b adds bias[b % Bb]."""
     q, k, v = q.double(), k.double(), v.double()
     B, H, N, _ = q.shape
     M = k.shape[2]
@@ -56,6 +56,8 @@ def oracle_attention(q, k, v, scale, attn_mask=None, is_causal=False):
             if not allowed.any():
                 continue
             s = (k[b, :, allowed] @ q[b, :, i, :, None]).squeeze(-1) * scale  # (H, kept keys)
+            if bias is not None:
+                s = s + bias[b % bias.shape[0], :, i, allowed].double()  # (1 or H, kept keys)
             w = torch.exp(s - s.max(dim=-1, keepdim=True).values)
             w = w / w.sum(dim=-1, keepdim=True)
             out[b, :, i] = (w[:, :, None] * v[b, :, allowed]).sum(1)

@@ -216,12 +216,143 @@ def test_cpu_chunked_path_is_taken_only_for_fp32_at_moderate_lengths(monkeypatch
     (lambda q, k, v: (q, k, v, 0.0, None, False), "scale must be"),
     (lambda q, k, v: (q, k, v, 0.5, torch.ones(2, 5), False), "bool tensor"),
     (lambda q, k, v: (q, k, v, 0.5, torch.ones(2, 4, dtype=torch.bool), False), "attn_mask must be"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.ones(1, 2, 5, 5, dtype=torch.int64)), "bias must be a float"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.ones(1, 2, 5, 4)), r"bias must be \(Bb"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.ones(1, 3, 5, 5)), r"bias must be \(Bb"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.ones(3, 1, 5, 5)), "dividing the batch 2"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.ones(2, 5, 5)), r"bias must be \(Bb"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.ones(1, 1, 5, 5, device="meta")), "bias is on meta"),
+    (lambda q, k, v: (q, k, v, 0.5, None, False, torch.full((1, 1, 5, 5), float("-inf"))), "bias must be finite"),
 ])
 def test_bad_arguments_name_the_argument(bad, match):
     q, k, v = inputs((2, 2, 5, 3, 4), torch.float32)
     for fn in (reference.attention, reference.sdpa_attention):
         with pytest.raises((ValueError, TypeError), match=match):
             fn(*bad(q, k, v))
+
+
+BIAS_SHAPES = [(1, 1), (1, 3), (2, 3), (4, 1)]  # (Bb, Hb) for B = 4, H = 3
+
+
+def swin_like_bias(bs, N, M, seed=9, dtype=torch.float32):
+    """A (Bb, Hb, N, M) bias like Swin's: random (relative position) values plus -100 blocks (its
+    shifted-window mask)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(*bs, N, M, generator=g)
+    b[..., : N // 3, M // 2:] -= 100.0
+    return b.to(dtype)
+
+
+@pytest.mark.parametrize("route", ["reference", "torch", "sdpa_only"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("widths", [(5, 9), (16, 16)], ids=lambda w: f"D{w[0]}_Dv{w[1]}")
+@pytest.mark.parametrize("bs", BIAS_SHAPES, ids=lambda b: f"Bb{b[0]}_Hb{b[1]}")
+@pytest.mark.parametrize("masking", ["none", "padding", "causal_padding"])
+def test_additive_bias_matches_the_oracle(route, dtype, widths, bs, masking):
+    """bias (Bb, Hb, N, M), batch row b adding bias[b % Bb], on every route: the reference, the
+    torch backend (fp32: the chunked CPU route, which every bias takes; fp16 / bf16: SDPA) and,
+    within ``sdpa_only``, SDPA with the bias tiled into its float mask."""
+    B, H, N = 4, 3, 7
+    q, k, v = inputs((B, H, N, *widths), dtype, seed=4)
+    bias = swin_like_bias(bs, N, N, dtype=dtype)
+    mask = padding_mask(B, N) if masking.endswith("padding") else None
+    causal = masking.startswith("causal")
+    assert reference.use_cpu_chunked(q, k, v, mask, bias) == (dtype == torch.float32)
+    fn = reference.attention if route == "reference" else reference.sdpa_attention
+    with reference.sdpa_only() if route == "sdpa_only" else contextlib.nullcontext():
+        out = fn(q, k, v, 0.3, mask, causal, bias)
+    want = oracle_attention(q, k, v, 0.3, mask, causal, bias)
+    assert_close(out, want, dtype, widths[0], N, msg=f"{route} {bs} {masking}")
+    assert (out.double() - oracle_attention(q, k, v, 0.3, mask, causal)).abs().max() > 0.1  # the bias matters
+
+
+@pytest.mark.parametrize("route, chunk_heads", [("chunked", 1), ("chunked", 2), ("chunked", 5), ("chunked", 100),
+                                               ("sdpa", 1)], ids=lambda r: str(r))
+@pytest.mark.parametrize("bs", BIAS_SHAPES, ids=lambda b: f"Bb{b[0]}_Hb{b[1]}")
+@pytest.mark.parametrize("masking", ["none", "padding", "causal_left_padding"])
+def test_additive_bias_gradients(monkeypatch, route, chunk_heads, bs, masking):
+    """dq, dk, dv and dbias (summed over the batch rows and heads that share a bias row) against
+    float64 autograd: on the chunked route across chunk boundaries (chunks that split batch rows
+    and heads unevenly; unequal and equal widths) and on the SDPA route (``sdpa_only``)."""
+    B, H, N = 4, 3, 7
+    widths = (5, 9) if chunk_heads != 2 else (8, 8)
+    q, k, v = inputs((B, H, N, *widths), torch.float32, seed=6)
+    bias = swin_like_bias(bs, N, N)
+    mask = None
+    if masking == "padding":
+        mask = padding_mask(B, N, seed=3)
+    if masking == "causal_left_padding":  # the first queries of batch rows 1 and 2 see no key
+        mask = torch.ones(B, N, dtype=torch.bool)
+        mask[1, :3] = False
+        mask[2, :1] = False
+    causal = masking.startswith("causal")
+    monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", chunk_heads * N * N * 4)
+    ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    with reference.sdpa_only() if route == "sdpa" else contextlib.nullcontext():
+        assert reference.use_cpu_chunked(q, k, v, mask, bias) == (route == "chunked")
+        out = reference.sdpa_attention(*ts[:3], 0.3, mask, causal, ts[3])
+    assert ("CpuChunked" in type(out.grad_fn).__name__) == (route == "chunked")
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, ts, do)
+    t64 = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    ref = oracle_attention(*t64[:3], 0.3, mask, causal, t64[3])
+    want = torch.autograd.grad(ref, t64, do.double())
+    assert_close(out, ref, torch.float32, widths[0], N, msg=f"out {masking}")
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), grads, want):
+        assert a.shape == b.shape and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5, msg=f"{name} {masking} {bs}")
+    assert grads[3].abs().sum() > 0
+    if masking == "causal_left_padding":  # rows without keys pass no gradient, also not to the bias
+        assert torch.all(out[1, :, :3] == 0) and torch.all(grads[0][1, :, :3] == 0)
+
+
+def test_additive_bias_without_grad_inputs_and_with_bias_grad_alone():
+    """Only the bias requires grad (a trainable Swin table behind frozen weights): the chunked
+    route still records a graph and gives dbias."""
+    q, k, v = inputs((4, 3, 7, 5, 9), torch.float32, seed=1)
+    bias = swin_like_bias((2, 3), 7, 7).requires_grad_()
+    out = reference.sdpa_attention(q, k, v, 0.3, None, False, bias)
+    assert "CpuChunked" in type(out.grad_fn).__name__
+    (got,) = torch.autograd.grad(out.square().sum(), bias)
+    b64 = bias.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(oracle_attention(q, k, v, 0.3, None, False, b64).square().sum(), b64)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_over_the_bias():
+    """vmap over the bias alone (q, k, v shared): the per-bias results (SDPA route inside vmap)."""
+    q, k, v = inputs((2, 3, 6, 5, 7), torch.float32)
+    biases = torch.stack([swin_like_bias((2, 3), 6, 6, seed=s) for s in range(3)])
+    got = torch.func.vmap(lambda b: reference.sdpa_attention(q, k, v, 0.3, None, False, b))(biases)
+    with torch.no_grad():
+        want = torch.stack([reference.sdpa_attention(q, k, v, 0.3, None, False, b) for b in biases])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_additive_bias_under_torch_compile():
+    """fullgraph=True with a bias (compiled code takes SDPA with the tiled bias)."""
+    q, k, v = inputs((4, 3, 6, 5, 7), torch.float32)
+    bias = swin_like_bias((2, 3), 6, 6)
+    mask = padding_mask(4, 6)
+    fn = torch.compile(lambda a, b: reference.sdpa_attention(a, k, v, 0.3, mask, False, b), backend="eager",
+                       fullgraph=True)
+    qg, bg = q.clone().requires_grad_(), bias.clone().requires_grad_()
+    got = fn(qg, bg)
+    g = torch.autograd.grad(got.square().sum(), (qg, bg))
+    qe, be = q.clone().requires_grad_(), bias.clone().requires_grad_()
+    want = reference.sdpa_attention(qe, k, v, 0.3, mask, False, be)
+    w = torch.autograd.grad(want.square().sum(), (qe, be))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, w):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_public_op_passes_the_bias_on():
+    q, k, v = inputs((4, 3, 7, 5, 9), torch.float32)
+    bias = swin_like_bias((2, 1), 7, 7)
+    torch.testing.assert_close(spp_kernels.attention(q, k, v, 0.3, bias=bias),
+                               reference.attention(q, k, v, 0.3, bias=bias), rtol=1e-5, atol=1e-6)
 
 
 # ============================================================================ the layers' attention core

@@ -60,10 +60,12 @@ def mask_args(kind, B, M, seed=1):
     return None, False
 
 
-def attention64(q, k, v, scale, attn_mask=None, is_causal=False):
+def attention64(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     """reference.attention's formula in float64 (the reference itself accepts fp32/16/bf16 only),
     differentiable: the oracle of the gradients."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + reference.tile_bias(bias.to(s.device, torch.float64), q.shape[0])
     N, M = q.shape[2], k.shape[2]
     allowed = None
     if attn_mask is not None:
@@ -226,13 +228,13 @@ def test_bad_inputs_name_the_argument():
         tri.attention_ragged(q, k, v, 0.5, torch.tensor([5, 5]), torch.tensor([6.0, 6.0]))
 
 
-def ragged_reference(q, k, v, scale, qk_widths, v_widths, attn_mask=None, is_causal=False):
+def ragged_reference(q, k, v, scale, qk_widths, v_widths, attn_mask=None, is_causal=False, bias=None):
     """Per-head widths: head h keeps q/k channels < qk_widths[h] and v channels < v_widths[h]
     (the rest read as zero), float64."""
     D, Dv = q.shape[3], v.shape[3]
     mq = (torch.arange(D)[None, :] < qk_widths.cpu()[:, None]).to(q.device)[None, :, None, :]
     mv = (torch.arange(Dv)[None, :] < v_widths.cpu()[:, None]).to(q.device)[None, :, None, :]
-    return attention64(q * mq, k * mq, v * mv, scale, attn_mask, is_causal)
+    return attention64(q * mq, k * mq, v * mv, scale, attn_mask, is_causal, bias)
 
 
 @pytest.mark.parametrize("kind", MASKS)
@@ -258,6 +260,69 @@ def test_ragged_per_head_widths(dtype, kind):
         assert torch.all(out[:, h, :, vw[h]:] == 0)
         assert torch.all(dq[:, h, :, qkw[h]:] == 0) and torch.all(dk[:, h, :, qkw[h]:] == 0)
         assert torch.all(dv[:, h, :, vw[h]:] == 0)
+
+
+BIAS_SHAPES = [(1, 1), (1, 3), (2, 3), (4, 1)]  # (Bb, Hb) for B = 4, H = 3
+
+
+def bias_of(bs, N, M, dtype=torch.float32, seed=9):
+    """A (Bb, Hb, N, M) bias like Swin's: a relative-position-like part plus -100 blocks (its
+    shifted-window mask), so some keys are all but excluded by the bias alone."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(*bs, N, M, generator=g)
+    b[..., : N // 3, M // 2:] -= 100.0
+    return b.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("bs", BIAS_SHAPES, ids=lambda b: f"Bb{b[0]}_Hb{b[1]}")
+@pytest.mark.parametrize("mask", ["none", "padding", "causal_padding"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_additive_bias_forward_and_backward(bs, mask, dtype):
+    """The additive bias of (Bb, Hb) rows (batch row b adds bias[b % Bb]) against float64 autograd,
+    with key padding and causal masks on top, across key blocks (33 tokens, 32-token blocks)."""
+    B, H, N, D, Dv = 4, 3, 33, 5, 11
+    q, k, v = inputs((B, H, N, D, Dv), dtype, seed=5)
+    attn_mask, is_causal = mask_args(mask, B, N)
+    bias = bias_of(bs, N, N, dtype)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention(qg, kg, vg, 0.3, attn_mask, is_causal, bias)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(dtype).to(out.device)
+    grads = torch.autograd.grad(out, (qg, kg, vg), do)
+    t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention64(*t64, 0.3, attn_mask, is_causal, bias)
+    want = torch.autograd.grad(ref, t64, do.double())
+    assert_close(out.cpu(), ref.cpu(), dtype, N, msg=f"{bs} {mask} out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(a.cpu(), b.cpu(), dtype, N, msg=f"{bs} {mask} {name}")
+    # the bias matters
+    assert (out - tri.attention(q, k, v, 0.3, attn_mask, is_causal)).abs().max() > 0.1
+
+
+def test_additive_bias_with_ragged_widths():
+    q, k, v = inputs((4, 3, 9, 7, 6), torch.float32, seed=8)
+    qkw, vw = torch.tensor([7, 2, 0]), torch.tensor([6, 0, 3])
+    bias = bias_of((2, 3), 9, 9)
+    out = tri.attention_ragged(q, k, v, 0.4, qkw, vw, None, True, bias)
+    ref = ragged_reference(q.double(), k.double(), v.double(), 0.4, qkw, vw, None, True, bias)
+    assert_close(out.cpu(), ref.cpu(), torch.float32, 9, msg="ragged bias")
+
+
+def test_bias_that_requires_grad_goes_to_the_torch_backend(monkeypatch):
+    """The kernel does not differentiate the bias: it refuses one that requires grad (outside
+    no_grad), and the dispatcher sends such calls to the torch backend, whose dbias is exact."""
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    bias = bias_of((1, 3), 7, 7).requires_grad_()
+    with pytest.raises(ValueError, match="does not differentiate the bias"):
+        tri.attention(q, k, v, 0.3, None, False, bias)
+    with torch.no_grad():
+        tri.attention(q, k, v, 0.3, None, False, bias)  # no graph: fine
+    calls = []
+    monkeypatch.setattr(reference, "sdpa_attention", lambda *a, **kw: calls.append(1) or reference.attention(*a, **kw))
+    out = tri.dispatch_attention(q, k, v, 0.3, None, False, bias)
+    (dbias,) = torch.autograd.grad(out.sum(), bias)
+    assert calls == [1] and dbias.abs().sum() > 0
+    tri.dispatch_attention(q, k, v, 0.3, None, False, bias.detach())
+    assert calls == [1]  # a detached bias stays on the kernel
 
 
 def test_ragged_with_full_widths_equals_attention():
@@ -357,7 +422,7 @@ def test_empty_token_counts(N, M):
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("kind", ["none", "padding", "causal", "ragged"])
+@pytest.mark.parametrize("kind", ["none", "padding", "causal", "ragged", "bias"])
 def test_opcheck(kind):
     """torch.library.opcheck on the forward op (schema, fake tensor, autograd registration,
     aot dispatch) and on the backward op."""
@@ -366,13 +431,14 @@ def test_opcheck(kind):
     is_causal = kind == "causal"
     qkw, vw = (torch.tensor([5, 3], dtype=torch.int32), torch.tensor([2, 9], dtype=torch.int32)) if kind == "ragged" \
         else (None, None)
+    bias = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(4)).to(DEVICE) if kind == "bias" else None
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    res = torch.library.opcheck(tri.attention_fwd, (q, k, v, 0.3, attn_mask, is_causal, qkw, vw))
+    res = torch.library.opcheck(tri.attention_fwd, (q, k, v, 0.3, attn_mask, is_causal, qkw, vw, bias))
     assert res == dict.fromkeys(OPCHECK_UTILS, "SUCCESS")
-    o, lse = tri.attention_fwd(q, k, v, 0.3, attn_mask, is_causal, qkw, vw)
+    o, lse = tri.attention_fwd(q, k, v, 0.3, attn_mask, is_causal, qkw, vw, bias)
     do = torch.randn_like(o)
     res = torch.library.opcheck(tri.attention_bwd, (do, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(),
-                                                    0.3, attn_mask, is_causal, qkw, vw))
+                                                    0.3, attn_mask, is_causal, qkw, vw, bias))
     assert res == dict.fromkeys(OPCHECK_UTILS, "SUCCESS")
 
 

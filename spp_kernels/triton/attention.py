@@ -1,6 +1,7 @@
 """Flash attention for pruned widths (SPEC §4 ``attention``): qk width D != v width Dv, widths
-that are not multiples of 8/16, explicit scale, key-padding or causal masks, and (in
-:func:`attention_ragged`) a different width per head.
+that are not multiples of 8/16, explicit scale, key-padding or causal masks, an additive score
+bias (Swin's relative position bias and shifted-window mask, read per tile from its (Bb, Hb)
+rows), and (in :func:`attention_ragged`) a different width per head.
 
 Forward: one program per (batch·head, block of queries), an online softmax over key blocks with
 running max and sum in fp32; it saves the row log-sum-exp (``+inf`` for a row with no key, so
@@ -61,11 +62,20 @@ def _allowed(offs_m, offs_n, key_ok, N, M, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M):
+    """(BLOCK_M, BLOCK_N) fp32 tile of the additive bias (Bb, Hb, N, M) that (batch, head) pair
+    ``bh`` adds: row (b % Bb) · Hb + h % Hb; 0 outside the (N, M) scores."""
+    row = ((bh // H) % BB) * HB + (bh % H) % HB
+    ptr = bias_ptr + row * N * M + offs_m[:, None] * M + offs_n[None, :]
+    return tl.load(ptr, mask=(offs_m[:, None] < N) & (offs_n[None, :] < M), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, qkw_ptr, vw_ptr,
-    H, N, M, D, DV, scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, qkw_ptr, vw_ptr, bias_ptr,
+    H, N, M, D, DV, scale, BB, HB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -105,6 +115,8 @@ def _attn_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), IEEE) * scale
+        if HAS_BIAS:
+            s += _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M)
         ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -138,10 +150,10 @@ def _attn_bwd_preprocess(o_ptr, do_ptr, delta_ptr, R, DV, BLOCK_R: tl.constexpr,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, qkw_ptr, vw_ptr,
-    H, N, M, D, DV, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, qkw_ptr, vw_ptr, bias_ptr,
+    H, N, M, D, DV, scale, BB, HB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -188,6 +200,8 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + bh * N + offs_m, mask=mmask, other=float("inf"))
         delta = tl.load(delta_ptr + bh * N + offs_m, mask=mmask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * scale
+        if HAS_BIAS:
+            s += _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M)
         ok = _allowed(offs_m, offs_n, kok, N, M, IS_CAUSAL)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no key): p = 0
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
@@ -203,10 +217,10 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, qkw_ptr, vw_ptr,
-    H, N, M, D, DV, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, qkw_ptr, vw_ptr, bias_ptr,
+    H, N, M, D, DV, scale, BB, HB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
     F32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -250,6 +264,8 @@ def _attn_bwd_dq_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), IEEE) * scale
+        if HAS_BIAS:
+            s += _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M)
         ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -274,13 +290,20 @@ def _blocks(D: int, Dv: int, backward: bool) -> tuple[int, int, int, int]:
     return bm, (64 if widest <= 128 else 32), bd, bdv
 
 
-def _meta(q, attn_mask, is_causal, widths):
+def _meta(q, attn_mask, is_causal, widths, bias):
     ragged = widths is not None
     return dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), RAGGED=ragged,
-                F32_DOT=INTERPRET, IEEE=q.dtype == torch.float32)
+                HAS_BIAS=bias is not None, F32_DOT=INTERPRET, IEEE=q.dtype == torch.float32)
 
 
-def _forward(q, k, v, scale, attn_mask, is_causal, widths):
+def _bias_args(q, bias):
+    """(bias pointer tensor, Bb, Hb): the contiguous bias, or q as a never-read placeholder."""
+    if bias is None:
+        return q, 1, 1
+    return bias.contiguous(), bias.shape[0], bias.shape[1]
+
+
+def _forward(q, k, v, scale, attn_mask, is_causal, widths, bias=None):
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[3]
     o = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
@@ -289,15 +312,16 @@ def _forward(q, k, v, scale, attn_mask, is_causal, widths):
         return o, lse
     mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
     qkw, vw = widths if widths is not None else (q, q)
+    bias_t, bb, hb = _bias_args(q, bias)
     bm, bn, bd, bdv = _blocks(D, Dv, backward=False)
     grid = (B * H, triton.cdiv(N, bm))
-    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, qkw, vw, H, N, M, D, Dv, float(scale),
+    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, qkw, vw, bias_t, H, N, M, D, Dv, float(scale), bb, hb,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
-                           **_meta(q, attn_mask, is_causal, widths))
+                           **_meta(q, attn_mask, is_causal, widths, bias))
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths):
+def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths, bias=None):
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[3]
     do = do.contiguous()
@@ -311,12 +335,13 @@ def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths):
                                                  BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
     mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
     qkw, vw = widths if widths is not None else (q, q)
+    bias_t, bb, hb = _bias_args(q, bias)
     bm, bn, bd, bdv = _blocks(D, Dv, backward=True)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **_meta(q, attn_mask, is_causal, widths))
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, qkw, vw,
-                                                       H, N, M, D, Dv, float(scale), **meta)
-    _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](q, k, v, do, lse, delta, dq, mask_t, qkw, vw,
-                                                     H, N, M, D, Dv, float(scale), **meta)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **_meta(q, attn_mask, is_causal, widths, bias))
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, qkw, vw, bias_t,
+                                                       H, N, M, D, Dv, float(scale), bb, hb, **meta)
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](q, k, v, do, lse, delta, dq, mask_t, qkw, vw, bias_t,
+                                                     H, N, M, D, Dv, float(scale), bb, hb, **meta)
     return dq, dk, dv
 
 
@@ -325,14 +350,15 @@ def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths):
 @torch.library.custom_op("spp_triton::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   attn_mask: Optional[torch.Tensor], is_causal: bool, qk_widths: Optional[torch.Tensor],
-                  v_widths: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  v_widths: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, N, Dv) in q's dtype, lse (B, H, N) fp32); q, k, v contiguous, validated."""
     widths = None if qk_widths is None else (qk_widths, v_widths)
-    return _forward(q, k, v, scale, attn_mask, is_causal, widths)
+    return _forward(q, k, v, scale, attn_mask, is_causal, widths, bias)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths):
+def _(q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths, bias=None):
     B, H, N, _ = q.shape
     return (q.new_empty(B, H, N, v.shape[3]), q.new_empty(B, H, N, dtype=torch.float32))
 
@@ -340,47 +366,64 @@ def _(q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths):
 @torch.library.custom_op("spp_triton::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, scale: float, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                  qk_widths: Optional[torch.Tensor], v_widths: Optional[torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the saved out and lse of :func:`attention_fwd`."""
+                  qk_widths: Optional[torch.Tensor], v_widths: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the saved out and lse of :func:`attention_fwd` (no bias gradient)."""
     widths = None if qk_widths is None else (qk_widths, v_widths)
-    return _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths)
+    return _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths, bias)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, scale, attn_mask, is_causal, qk_widths, v_widths):
+def _(do, q, k, v, o, lse, scale, attn_mask, is_causal, qk_widths, v_widths, bias=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths = inputs
+    q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths, bias = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale, ctx.attn_mask, ctx.is_causal, ctx.widths = scale, attn_mask, is_causal, (qk_widths, v_widths)
+    ctx.bias = bias
 
 
 def _backward_rule(ctx, do, dlse):  # lse is an auxiliary output: its gradient is ignored
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.attn_mask, ctx.is_causal, *ctx.widths)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.attn_mask, ctx.is_causal, *ctx.widths,
+                               ctx.bias)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton flash attention with the semantics of :func:`spp_kernels.reference.attention`.
 
     q: (B, H, N, D); k: (B, H, M, D); v: (B, H, M, Dv) (fp32/fp16/bf16, any widths, D != Dv
     allowed); scale: explicit; attn_mask: (B, M) bool key padding (True = attend) or None;
-    is_causal: query i attends keys j <= i + (M - N) (with a mask too: a key must pass both).
-    Returns (B, H, N, Dv) in q's dtype; differentiable w.r.t. q, k, v. Rows with no key to
-    attend give 0 and 0 gradients."""
-    reference.check_attention(q, k, v, scale, attn_mask, is_causal)
+    is_causal: query i attends keys j <= i + (M - N) (with a mask too: a key must pass both);
+    bias: None or a finite float (Bb, Hb, N, M) added to the scaled scores (batch row b adds
+    ``bias[b % Bb]``, Hb in {1, H}), read per tile, never tiled to the batch in memory.
+    Returns (B, H, N, Dv) in q's dtype; differentiable w.r.t. q, k, v (not the bias: one that
+    requires grad is refused here, and :func:`dispatch_attention` sends it to the torch backend).
+    Rows with no key to attend give 0 and 0 gradients."""
+    reference.check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     _check_device(q)
+    _check_bias_grad(bias)
     return attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale),
-                         attn_mask, is_causal, None, None)[0]
+                         attn_mask, is_causal, None, None, bias)[0]
+
+
+def _bias_needs_grad(bias: Optional[torch.Tensor]) -> bool:
+    return bias is not None and bias.requires_grad and torch.is_grad_enabled()
+
+
+def _check_bias_grad(bias: Optional[torch.Tensor]) -> None:
+    if _bias_needs_grad(bias):
+        raise ValueError("the Triton attention kernel does not differentiate the bias: detach it, or use "
+                         "spp_kernels.attention (which sends such calls to the torch backend)")
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -402,19 +445,21 @@ def _check_widths(name: str, w, H: int, limit: int, device) -> torch.Tensor:
 
 def attention_ragged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      qk_widths: torch.Tensor, v_widths: torch.Tensor,
-                     attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+                     attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`attention` with a width per head (per-head pruning): head h uses only its first
     ``qk_widths[h]`` q/k channels and ``v_widths[h]`` v channels; the channels beyond are read as
     zero (so they get zero output and zero gradient). q, k, v are padded to the widest head.
 
     qk_widths, v_widths: int32/int64 (H,) with 0 <= width <= D (resp. Dv)."""
-    reference.check_attention(q, k, v, scale, attn_mask, is_causal)
+    reference.check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     _check_device(q)
+    _check_bias_grad(bias)
     H = q.shape[1]
     qkw = _check_widths("qk_widths", qk_widths, H, q.shape[3], q.device)
     vw = _check_widths("v_widths", v_widths, H, v.shape[3], q.device)
     return attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), float(scale),
-                         attn_mask, is_causal, qkw, vw)[0]
+                         attn_mask, is_causal, qkw, vw, bias)[0]
 
 
 def sdpa_is_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -436,13 +481,17 @@ def sdpa_is_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: O
     return True
 
 
-def dispatch_attention(q, k, v, scale, attn_mask=None, is_causal=False):
+def dispatch_attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     """The ``triton`` backend of ``spp_kernels.attention``: SDPA where its fast kernels take the
-    shapes (on CUDA), our kernel elsewhere (and always on CPU, where only the interpreter runs)."""
-    reference.check_attention(q, k, v, scale, attn_mask, is_causal)
-    if q.device.type == "cuda" and sdpa_is_fast(q, k, v, attn_mask, is_causal):
+    shapes (on CUDA), our kernel elsewhere (and always on CPU, where only the interpreter runs).
+    With a ``bias``: our kernel (which reads it per tile; SDPA would need it tiled to the batch),
+    except where the bias requires grad, which the torch backend computes."""
+    reference.check_attention(q, k, v, scale, attn_mask, is_causal, bias)
+    if _bias_needs_grad(bias):
+        return reference.sdpa_attention(q, k, v, scale, attn_mask, is_causal, bias)
+    if bias is None and q.device.type == "cuda" and sdpa_is_fast(q, k, v, attn_mask, is_causal):
         return reference.sdpa_attention(q, k, v, scale, attn_mask, is_causal)
-    return attention(q, k, v, scale, attn_mask, is_causal)
+    return attention(q, k, v, scale, attn_mask, is_causal, bias)
 
 
 dispatch.register("attention", "triton", dispatch_attention, devices=("cuda",),

@@ -84,25 +84,34 @@ class MaskedAttention(nn.Module):
             return F.linear(x, lin.weight, lin.bias)
         return spp_kernels.masked_linear(x, lin.weight, lin.bias, slot.mask(), col2unit, None)
 
-    def forward_core(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward_core(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``bias``: an additive score bias (Bb, 1 | H, N, N), batch row b adding bias[b % Bb]
+        (see ``spp_kernels.attention``), on top of ``attn_mask`` / ``is_causal``."""
         B, N, _ = x.shape
         H = self.num_heads
         q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, H, self.qk_dim).transpose(1, 2)
         k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
-        ctx = self._attend(q, k, v, attn_mask, is_causal)
+        ctx = self._attend(q, k, v, attn_mask, is_causal, bias)
         ctx = ctx.transpose(1, 2).reshape(B, N, H * self.v_dim)
         return self.out_drop(self.o(ctx))
 
-    def _attend(self, q, k, v, attn_mask, is_causal):
-        """The attention core. Without dropout and with no mask or a key-padding one it is the
-        dispatcher's ``attention`` op (any qk / v widths); other masks (additive biases, per-query
-        masks) and attention dropout go to SDPA, with CPU widths padded for its flash kernel."""
+    def _attend(self, q, k, v, attn_mask, is_causal, bias=None):
+        """The attention core. Without dropout, with no mask or a key-padding one, and with or
+        without an additive ``bias`` it is the dispatcher's ``attention`` op (any qk / v widths);
+        other masks (per-query masks, HF's additive ones it cannot read as key padding) and
+        attention dropout go to SDPA (the bias tiled into its mask), with CPU widths padded for its
+        flash kernel."""
         drop = self.attn_drop if self.training else 0.0
         if drop == 0.0:
             keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device, queries=q.shape[2])
             if keys is not False:
-                return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
+                if bias is None:
+                    return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
+                return spp_kernels.attention(q, k, v, self.scale, keys, is_causal, bias=bias)
+        if bias is not None:
+            attn_mask = _with_bias(attn_mask, spp_kernels.reference.tile_bias(bias, q.shape[0]).to(q.dtype))
         Dv = v.shape[-1]
         q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal,
@@ -111,6 +120,15 @@ class MaskedAttention(nn.Module):
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
+
+
+def _with_bias(attn_mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask (None, bool True = attend, or additive float) with an additive bias added."""
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask
 
 
 def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask, **kwargs):

@@ -28,13 +28,11 @@ class SwinMaskedAttention(MaskedAttention):
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, H, N, N)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        attn_mask = self._rel_pos_bias()
-        if mask is not None:  # shifted windows: (nW, N, N) 0 / -inf per window
-            nw = mask.shape[0]
-            attn_mask = (attn_mask.unsqueeze(1) + mask.view(1, nw, 1, N, N)).expand(B_ // nw, nw, -1, -1, -1)
-            attn_mask = attn_mask.reshape(B_, self.num_heads, N, N)
-        return self.forward_core(x, attn_mask.to(x.dtype))
+        N = x.shape[1]
+        bias = self._rel_pos_bias()  # (1, H, N, N)
+        if mask is not None:  # shifted windows: (nW, N, N), 0 or -100, window w of every image = batch row b % nW
+            bias = bias + mask.view(-1, 1, N, N)  # (nW, H, N, N): the op reads row b % nW, nothing tiled
+        return self.forward_core(x, bias=bias.to(x.dtype))
 
 
 def _set_bias(attn: SwinMaskedAttention, table: nn.Parameter, index: torch.Tensor) -> SwinMaskedAttention:

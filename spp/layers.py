@@ -230,10 +230,12 @@ def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: 
     """A (B|1, 1, N, M) CPU mask (bool, or additive with 0 / "minus infinity" as Hugging Face
     builds them) that is exactly causal (tril(M − N)) ∧ key padding, as the (B, M) key-padding
     mask to give the op with ``is_causal`` (None when it pads nothing: a pure causal mask, as
-    CLIP's text tower builds); False for any other mask, on other devices (not read), and where
-    a query would see no key (left padding: the op gives such rows 0, the model's function does
-    not), or when the attention runs on another ``device``. Remembered for the last mask, like
-    :func:`key_padding`."""
+    CLIP's text tower builds); False for any other mask, on other devices (not read), for an
+    additive mask in which a query sees no key (left padding: SDPA averages such a row over all
+    keys, since "minus infinity" is finite there; the op gives 0), or when the attention runs on
+    another ``device``. Left padding in a bool mask — what Hugging Face builds for "sdpa" — is
+    read: SDPA gives those rows 0 as the op does (forward and gradients). Remembered for the last
+    mask, like :func:`key_padding`."""
     if device is not None and torch.device(device) != attn_mask.device:
         return False
     return _remembered(_CAUSAL_LAST, attn_mask, (batch, queries, keys),
@@ -251,7 +253,7 @@ def _causal_key_padding(m: torch.Tensor, batch: int, queries: int, keys: int):
     pad = keep[:, -1, :]  # the last query sees every key that is not padding
     if not torch.equal(keep, spp_kernels.reference.causal_keep(queries, keys) & pad[:, None, :]):
         return False
-    if spp_kernels.reference._no_key_rows(pad, True, queries, keys):
+    if m.dtype != torch.bool and spp_kernels.reference._no_key_rows(pad, True, queries, keys):
         return False
     return None if bool(pad.all()) else pad.expand(batch, keys)
 

@@ -111,6 +111,48 @@ def test_greedy_generation_with_kv_cache_matches():
         spp.detach(model)
 
 
+def test_left_padded_batch_generation_runs_the_op(monkeypatch):
+    """Batched generation pads on the left, so the first queries of a padded row see no key. With
+    "sdpa" Hugging Face builds a bool mask and SDPA gives those rows 0, as the op does: the prefill
+    (causal ∧ left padding) and every decode step (key padding) run spp_kernels.attention, and the
+    tokens equal those of the unattached model; masked and pruned give the same tokens too."""
+    import spp_kernels
+
+    model = tiny_llama(3)
+    dense = copy.deepcopy(model)
+    batch = token_batch(3, pad=False)
+    batch["attention_mask"][1, :4] = 0  # left padding
+    batch["attention_mask"][2, :1] = 0
+    gen = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8, use_cache=True, pad_token_id=0)
+    calls = []
+    op = spp_kernels.attention
+
+    def spy(q, k, v, scale, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], attn_mask is not None, is_causal))
+        return op(q, k, v, scale, attn_mask, is_causal, **kw)
+
+    handle = spp.attach(model)
+    try:
+        with torch.no_grad():
+            want = dense.generate(**batch, **gen)
+            monkeypatch.setattr(spp_kernels, "attention", spy)
+            got = model.generate(**batch, **gen)
+            n_layers = len(model.model.layers)
+            assert calls[:n_layers] == [(11, True, True)] * n_layers  # the prefill: causal ∧ left padding
+            assert len(calls) == 8 * n_layers and all(c == (1, True, False) for c in calls[n_layers:])
+            assert torch.equal(got, want)
+        path = with_m(quiet_search(handle, batch, steps=6),
+                      np.random.default_rng(3).uniform(0.5, 1.5, handle.arena.m.numel()).astype(np.float32))
+        masks = path.masks(keep=0.5)
+        pruned = spp.prune(model, masks)
+        handle.set_masks(masks)
+        with torch.no_grad():
+            assert torch.equal(pruned.generate(**batch, **gen), model.generate(**batch, **gen))
+    finally:
+        handle.set_masks(None)
+        spp.detach(model)
+
+
 def test_bf16_weights_search_runs_with_fp32_masks():
     model = tiny_llama(2, layers=1, dtype=torch.bfloat16)
     handle = spp.attach(model)

@@ -442,14 +442,16 @@ def test_hf_attention_on_pruned_widths_matches_eager(impl):
 
 
 @pytest.mark.parametrize("case", ["causal", "causal_gqa", "causal_mask", "causal_padded", "encoder_padded",
-                                  "decode_padded", "causal_left_padded", "causal_cache", "dropout",
-                                  "sliding_window"])
+                                  "decode_padded", "causal_left_padded", "causal_left_padded_bool", "causal_cache",
+                                  "dropout", "sliding_window"])
 def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     """hf_attention with "sdpa" computes Hugging Face's sdpa function through spp_kernels.attention
     where the op is exact (no mask, key padding, causal over as many keys as queries, a causal ∧
-    padding mask in which every query sees a key, GQA), and leaves the rest to that function (left
-    padding, a causal call with cached keys, dropout, sliding windows); both give the function's
-    numbers on unequal widths."""
+    padding mask in which every query sees a key, or a bool one — Hugging Face's form for "sdpa" —
+    with left padding, where SDPA gives the queries without a key 0 as the op does; GQA), and
+    leaves the rest to that function (left padding in an additive mask, where SDPA averages those
+    rows, a causal call with cached keys, dropout, sliding windows); both give the function's
+    numbers on unequal widths, and the same gradients where the op runs."""
     import types
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -472,11 +474,11 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     mask = None
     if case in ("encoder_padded", "decode_padded"):  # HF's additive form, one row per batch row
         mask = torch.zeros(B, 1, N, M).masked_fill(~pad[:, None, None, :], torch.finfo(torch.float32).min)
-    if case in ("causal_padded", "causal_left_padded"):  # HF's additive causal ∧ padding mask
-        if case == "causal_left_padded":  # the first queries of batch rows 1 and 2 see no key
+    if case.startswith(("causal_padded", "causal_left_padded")):  # HF's causal ∧ padding mask
+        if case.startswith("causal_left_padded"):  # the first queries of batch rows 1 and 2 see no key
             pad = pad.flip(-1)
         keep = torch.ones(N, M, dtype=torch.bool).tril() & pad[:, None, None, :]
-        mask = torch.zeros(B, 1, N, M).masked_fill(~keep, torch.finfo(torch.float32).min)
+        mask = keep if case.endswith("bool") else torch.zeros(B, 1, N, M).masked_fill(~keep, torch.finfo(torch.float32).min)
     if case == "causal_mask":  # a causal mask built without padding, as CLIP's text tower does
         mask = torch.ones(N, M, dtype=torch.bool).tril().expand(B, 1, N, M)
     module = types.SimpleNamespace(num_key_value_groups=H // G, training=False,
@@ -491,7 +493,8 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     op = spp_kernels.attention
     monkeypatch.setattr(spp_kernels, "attention", lambda *a: calls.append(a[4:]) or op(*a))
     got, weights = hf_attention(module, cfg, eager_attention_forward, q, k, v, mask, **kw)
-    ours = case in ("causal", "causal_gqa", "causal_mask", "causal_padded", "encoder_padded", "decode_padded")
+    ours = case in ("causal", "causal_gqa", "causal_mask", "causal_padded", "encoder_padded", "decode_padded",
+                    "causal_left_padded_bool")
     assert len(calls) == (1 if ours else 0), calls
     if ours:
         keys, causal = calls[0]
@@ -501,6 +504,16 @@ def test_hf_attention_sdpa_runs_the_op_where_it_is_exact(monkeypatch, case):
     if case != "dropout":
         want, _ = sdpa_attention_forward(module, q, k, v, mask, **kw)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if case == "causal_left_padded_bool":
+        assert torch.all(got[1, :3] == 0) and torch.all(got[2, :1] == 0)
+    if ours:
+        do = torch.randn(got.shape, generator=g)
+        ts = [t.clone().requires_grad_() for t in (q, k, v)]
+        mine = torch.autograd.grad(hf_attention(module, cfg, eager_attention_forward, *ts, mask, **kw)[0], ts, do)
+        ts = [t.clone().requires_grad_() for t in (q, k, v)]
+        theirs = torch.autograd.grad(sdpa_attention_forward(module, *ts, mask, **kw)[0], ts, do)
+        for name, a, b in zip("qkv", mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"d{name} {case}")
 
 
 def test_hf_attention_default_scale_follows_the_qk_width_when_sdpa_pads():

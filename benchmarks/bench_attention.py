@@ -2,7 +2,11 @@
 widths zero-padded up to a size its fast kernels accept (then the output sliced back).
 
 Shapes are pruned heads of DeiT-S (H=6, N=197), DeiT-B (H=12, N=197) and BERT-base (H=12,
-N=128), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}; forward
+N=128), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}, and of Swin-T's
+first stage (H=3, N=49 tokens per 7x7 window, 64 windows per image, batch 64 images, the same
+width fractions of its 32-wide heads) with its relative position bias plus shifted-window mask
+as the additive bias (64, 3, 49, 49): our op reads it per window, SDPA gets it tiled to all
+B·64 windows, as timm builds it (the tiling timed). Forward
 (``fwd_ms``) and forward+backward (``fwd_bwd_ms``), median of repeats (CUDA events on GPUs).
 Providers: ``spp_triton`` (spp_kernels.triton.attention.attention, CUDA only: interpreter timings
 on CPU mean nothing), ``spp_cpu`` (CPU only: the op's torch backend, ``reference.sdpa_attention``,
@@ -30,20 +34,36 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-MODELS = {"deit_s": (6, 197), "deit_b": (12, 197), "bert_base": (12, 128)}  # name -> (heads, tokens)
+# name -> (heads, tokens, windows per image: > 0 adds Swin's (windows, heads, N, N) bias)
+MODELS = {"deit_s": (6, 197, 0), "deit_b": (12, 197, 0), "bert_base": (12, 128, 0), "swin_t": (3, 49, 64)}
 WIDTHS = [(64, 64), (40, 52), (23, 37), (13, 64), (64, 17)]
+SWIN_WIDTHS = [(32, 32), (20, 26), (12, 19), (7, 32), (32, 9)]  # the same fractions of Swin-T's 32-wide heads
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def sdpa_same(q, k, v, scale):
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def _tiled(bias, B):
+    """SDPA's float mask for a (windows, H, N, N) bias: tiled to every window of the batch."""
+    if bias is None:
+        return None
+    from spp_kernels.reference import tile_bias
+
+    return tile_bias(bias, B)
 
 
-def sdpa_padded(q, k, v, scale):
+def sdpa_same(q, k, v, scale, bias=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_tiled(bias, q.shape[0]), scale=scale)
+
+
+def sdpa_padded(q, k, v, scale, bias=None):
     D, Dv = q.shape[-1], v.shape[-1]
     w = 8 * math.ceil(max(D, Dv) / 8)
     q, k, v = F.pad(q, (0, w - D)), F.pad(k, (0, w - D)), F.pad(v, (0, w - Dv))
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :Dv]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_tiled(bias, q.shape[0]), scale=scale)[..., :Dv]
+
+
+def ours(fn):
+    """Our op's call with the bias as its keyword (None: as without)."""
+    return lambda q, k, v, scale, bias=None: fn(q, k, v, scale, bias=bias) if bias is not None else fn(q, k, v, scale)
 
 
 def _time_once_ms(fn, device) -> float:
@@ -59,9 +79,20 @@ def _time_once_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def closures(fn, B, H, N, D, Dv, dtype, device):
-    """{metric: callable} for one provider on fresh seeded inputs."""
+def swin_bias(windows, H, N, g):
+    """A (windows, H, N, N) bias like Swin's: relative position values plus a -100 block in the
+    shifted windows' mask (every other window here)."""
+    bias = torch.randn(windows, H, N, N, generator=g) * 0.5
+    bias[1::2, :, : N // 2, N // 2:] -= 100.0
+    return bias
+
+
+def closures(fn, B, H, N, D, Dv, dtype, device, windows=0):
+    """{metric: callable} for one provider on fresh seeded inputs (B = images; with windows > 0,
+    B · windows windows of N tokens and a (windows, H, N, N) bias)."""
     g = torch.Generator(device="cpu").manual_seed(0)
+    bias = swin_bias(windows, H, N, g).to(device, dtype) if windows else None
+    B = B * windows if windows else B
     q = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
     k = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
     v = torch.randn(B, H, N, Dv, generator=g).to(device, dtype).requires_grad_()
@@ -70,19 +101,19 @@ def closures(fn, B, H, N, D, Dv, dtype, device):
 
     def fwd():
         with torch.no_grad():
-            fn(q, k, v, scale)
+            fn(q, k, v, scale, bias)
 
     def fwd_bwd():
-        out = fn(q, k, v, scale)
+        out = fn(q, k, v, scale, bias)
         torch.autograd.grad(out, (q, k, v), do)
 
     return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
 
 
-def measure_side_by_side(providers: dict, B, H, N, D, Dv, dtype, device, repeats, warmup=3) -> dict:
+def measure_side_by_side(providers: dict, B, H, N, D, Dv, dtype, device, repeats, warmup=3, windows=0) -> dict:
     """{provider: {metric: median ms}}; providers alternate within every repeat so that machine
     noise hits them alike (SPEC §6: ratios measured side by side)."""
-    runs = {name: closures(fn, B, H, N, D, Dv, dtype, device) for name, fn in providers.items()}
+    runs = {name: closures(fn, B, H, N, D, Dv, dtype, device, windows) for name, fn in providers.items()}
     times = {name: {m: [] for m in c} for name, c in runs.items()}
     for metric in ("fwd_ms", "fwd_bwd_ms"):
         for i in range(warmup + repeats):
@@ -99,6 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None, help="default: all")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/attention_<device>.csv)")
     args = ap.parse_args(argv)
 
@@ -109,7 +141,9 @@ def main(argv=None) -> None:
     batch, repeats = 64, 20
     if args.quick:
         batch, repeats = 4, 5
-        models = {m: MODELS[m] for m in ("deit_s", "bert_base")}
+        models = {m: MODELS[m] for m in ("deit_s", "bert_base", "swin_t")}
+    if args.models:
+        models = {m: MODELS[m] for m in args.models}
     batch = args.batch or batch
     repeats = args.repeats or repeats
 
@@ -117,11 +151,11 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         from spp_kernels.triton import attention as tri
 
-        providers = {"spp_triton": tri.attention, **providers}
+        providers = {"spp_triton": ours(tri.attention), **providers}
     else:
         from spp_kernels import reference
 
-        providers = {"spp_cpu": reference.sdpa_attention, **providers}
+        providers = {"spp_cpu": ours(reference.sdpa_attention), **providers}
         print("CPU: skipping the spp_triton rows (only Triton's interpreter runs on CPU; its timings mean "
               "nothing). spp_cpu is the op's torch backend that pruned layers use on CPUs (chunked "
               "GEMM-softmax-GEMM at the pruned widths in fp32 where it applies, with its own backward; else SDPA).")
@@ -131,10 +165,10 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     rows = []
     t_start = time.perf_counter()
-    for model, (H, N) in models.items():
-        for D, Dv in WIDTHS:
-            shape = f"{model} B={batch} H={H} N={N} D={D} Dv={Dv}"
-            res = measure_side_by_side(providers, batch, H, N, D, Dv, dtype, device, repeats)
+    for model, (H, N, windows) in models.items():
+        for D, Dv in (SWIN_WIDTHS if windows else WIDTHS):
+            shape = f"{model} B={batch} H={H} N={N} D={D} Dv={Dv}" + (f" windows={windows} bias" if windows else "")
+            res = measure_side_by_side(providers, batch, H, N, D, Dv, dtype, device, repeats, windows=windows)
             for name in res:
                 for metric, value in res[name].items():
                     rows.append(("attention", name, dtype_name, shape, metric, f"{value:.4f}", dev_name))

@@ -538,9 +538,10 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     the backward recomputes each chunk's probabilities (nothing of size N·M is kept).
 
     On a 2-core CPU at batch 64 (DeiT-S/B and BERT-base heads, 12 pruned shapes,
-    benchmarks/bench_attention.py) this is 1.16-1.93x faster than SDPA on widths zero-padded to a
-    common one, forward, and 1.09-1.87x forward + backward; SDPA on the unequal widths as they are
-    is slower still. No padding: compute falls with both widths. Products whose per-head output
+    benchmarks/bench_attention.py) this is 1.19-2.07x faster than SDPA on widths zero-padded to a
+    common one, forward, and 1.09-1.75x forward + backward (Swin-T windows with their bias, 4
+    pruned shapes: 2.16-2.81x and 1.64-1.98x); SDPA on the unequal widths as they are is slower
+    still. No padding: compute falls with both widths. Products whose per-head output
     width is not a multiple of 16 run transposed (see :func:`_flip`), so the output and the
     gradients may come back as non-contiguous views: reshape them, do not ``view`` them. The
     additive ``bias`` is gathered per chunk from its (Bb·Hb) rows (never tiled to the batch) and

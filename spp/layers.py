@@ -110,6 +110,9 @@ class MaskedAttention(nn.Module):
                 if bias is None:
                     return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
                 return spp_kernels.attention(q, k, v, self.scale, keys, is_causal, bias=bias)
+        if is_causal and (attn_mask is not None or bias is not None):  # SDPA takes no mask with is_causal
+            attn_mask = _with_causal(attn_mask, spp_kernels.reference.causal_keep(q.shape[2], k.shape[2], q.device))
+            is_causal = False
         if bias is not None:
             attn_mask = _with_bias(attn_mask, spp_kernels.reference.tile_bias(bias, q.shape[0]).to(q.dtype))
         Dv = v.shape[-1]
@@ -120,6 +123,15 @@ class MaskedAttention(nn.Module):
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
+
+
+def _with_causal(attn_mask: Optional[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask (None, bool True = attend, or additive float) restricted to the bool ``keep``."""
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
 
 
 def _with_bias(attn_mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
@@ -195,6 +207,8 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
     return spp_kernels.attention(q, k, v, scale, keys, causal).transpose(1, 2)
 
 
+# torch 2.5 made SDPA give 0 (not NaN) for query rows whose bool mask admits no key, as the op does
+_SDPA_ZEROES_ROWS_WITHOUT_KEYS = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 _KEY_PADDING_LAST: list = [None]  # (weakref to the mask, its version, (batch, keys, device), result)
 _CAUSAL_LAST: list = [None]  # (weakref to the mask, its version, (batch, queries, keys), result)
 
@@ -234,8 +248,9 @@ def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: 
     additive mask in which a query sees no key (left padding: SDPA averages such a row over all
     keys, since "minus infinity" is finite there; the op gives 0), or when the attention runs on
     another ``device``. Left padding in a bool mask — what Hugging Face builds for "sdpa" — is
-    read: SDPA gives those rows 0 as the op does (forward and gradients). Remembered for the last
-    mask, like :func:`key_padding`."""
+    read: SDPA gives those rows 0 as the op does (forward and gradients; since torch 2.5, whose
+    SDPA zeroes rows without a key — with an older torch such masks stay with the model's
+    function). Remembered for the last mask, like :func:`key_padding`."""
     if device is not None and torch.device(device) != attn_mask.device:
         return False
     return _remembered(_CAUSAL_LAST, attn_mask, (batch, queries, keys),
@@ -253,7 +268,8 @@ def _causal_key_padding(m: torch.Tensor, batch: int, queries: int, keys: int):
     pad = keep[:, -1, :]  # the last query sees every key that is not padding
     if not torch.equal(keep, spp_kernels.reference.causal_keep(queries, keys) & pad[:, None, :]):
         return False
-    if m.dtype != torch.bool and spp_kernels.reference._no_key_rows(pad, True, queries, keys):
+    if (m.dtype != torch.bool or not _SDPA_ZEROES_ROWS_WITHOUT_KEYS) \
+            and spp_kernels.reference._no_key_rows(pad, True, queries, keys):
         return False
     return None if bool(pad.all()) else pad.expand(batch, keys)
 

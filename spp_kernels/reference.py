@@ -314,8 +314,10 @@ def check_attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None) 
 
 def check_bias(bias, q: torch.Tensor, M: int) -> None:
     """Validate :func:`attention`'s additive ``bias``: a float (Bb, Hb, N, M) tensor on q's device
-    with Bb dividing the batch and Hb in {1, heads}; finite (read on CPUs outside transforms and
-    compile; elsewhere it is the caller's promise: exclude keys with ``attn_mask`` / ``is_causal``)."""
+    with Bb dividing the batch and Hb in {1, heads}; finite also in q's dtype (SDPA takes it as a
+    mask of q's dtype: an fp32 -1e5 would be -inf in fp16). Values are read on CPUs outside
+    transforms and compile; elsewhere they are the caller's promise (exclude keys with
+    ``attn_mask`` / ``is_causal``, not with -inf)."""
     B, H, N = q.shape[:3]
     if not isinstance(bias, torch.Tensor) or bias.dtype not in FLOAT_DTYPES:
         raise TypeError("bias must be a float32/float16/bfloat16 tensor (added to the scores) or None, got "
@@ -326,8 +328,9 @@ def check_bias(bias, q: torch.Tensor, M: int) -> None:
             or B % bias.shape[0]:
         raise ValueError(f"bias must be (Bb, 1 or heads, queries, keys) = (Bb, 1 or {H}, {N}, {M}) with Bb "
                          f"dividing the batch {B} (batch row b adds bias[b % Bb]), got {tuple(bias.shape)}")
-    if q.device.type == "cpu" and _host_reads_ok(bias) and not bool(torch.isfinite(bias).all()):
-        raise ValueError("bias must be finite (exclude keys with attn_mask / is_causal, not with -inf)")
+    if q.device.type == "cpu" and _host_reads_ok(bias) and not bool(torch.isfinite(bias.to(q.dtype)).all()):
+        raise ValueError(f"bias must be finite, also as {str(q.dtype).replace('torch.', '')} (q's dtype); exclude "
+                         "keys with attn_mask / is_causal, not with -inf")
 
 
 def tile_bias(bias: torch.Tensor, B: int) -> torch.Tensor:
@@ -683,8 +686,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     could), on other devices, inside torch.func transforms and under torch.compile, where reading a
     value back is not free or not possible.
 
-    An additive ``bias`` goes to SDPA tiled to the batch, as its float mask (with -inf where the
-    masks exclude a key); the chunked route gathers it per chunk instead."""
+    An additive ``bias`` goes to SDPA tiled to the batch, as its float mask in q's dtype (with -inf
+    where the masks exclude a key; so with fp16 / bf16 q the bias is rounded to that dtype here,
+    where the reference, the chunked route and the Triton kernel add it in fp32); the chunked
+    route gathers it per chunk instead."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     check = attn_mask is not None and host and not bool(attn_mask.all())

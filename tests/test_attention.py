@@ -419,6 +419,62 @@ def test_layer_core_matches_sdpa_math_for_pruned_widths(mask_kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.2], ids=["op", "dropout_sdpa"])
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "hf_additive"])
+def test_layer_core_with_bias_and_causal(drop, mask_kind):
+    """forward_core with a bias, is_causal and a mask together: the op without dropout, SDPA with
+    one combined mask under attention dropout (SDPA takes no mask with is_causal) — both equal to
+    SDPA's math kernel on that mask (the same dropout draw from the same seed)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from spp.layers import MaskedAttention
+
+    B, H, N, D, Dv, d = 4, 3, 9, 5, 7, 12
+    g = torch.Generator().manual_seed(5)
+    lin = lambda i, o: torch.nn.Linear(i, o)  # noqa: E731
+    torch.manual_seed(5)
+    layer = MaskedAttention(lin(d, H * D), lin(d, H * D), lin(d, H * Dv), lin(H * Dv, d), H, D, Dv, scale=0.21,
+                            attn_drop=drop).train()
+    x = torch.randn(B, N, d, generator=g)
+    bias = swin_like_bias((2, 3), N, N)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[1, 6:] = False
+    mask = {"none": None, "padding": keep[:, None, None, :],
+            "hf_additive": torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+            }[mask_kind]
+    torch.manual_seed(7)
+    with sdpa_kernel(SDPBackend.MATH):
+        got = layer.forward_core(x, mask, True, bias)
+    full = reference.tile_bias(bias, B).masked_fill(~reference.causal_keep(N, N), float("-inf"))
+    if mask is not None:
+        full = full.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else full + mask
+    torch.manual_seed(7)
+    with sdpa_kernel(SDPBackend.MATH):
+        q = layer.q(x).view(B, N, H, D).transpose(1, 2)
+        k = layer.k(x).view(B, N, H, D).transpose(1, 2)
+        v = layer.v(x).view(B, N, H, Dv).transpose(1, 2)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=0.21, dropout_p=drop)
+        want = layer.o(ctx.transpose(1, 2).reshape(B, N, H * Dv))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_must_be_finite_in_the_dtype_of_q():
+    """An fp32 bias of -1e5 is finite, but -inf as fp16 (SDPA's mask takes q's dtype): refused for
+    fp16 q, accepted for fp32 q (every route near the oracle: fp32 keeps ~0.008 of a logit at 1e5)."""
+    q, k, v = inputs((1, 1, 3, 4, 4), torch.float16)
+    bias = torch.zeros(1, 1, 3, 3)
+    bias[0, 0, 0] = -1e5
+    for fn in (reference.attention, reference.sdpa_attention):
+        with pytest.raises(ValueError, match="also as float16"):
+            fn(q, k, v, 0.5, None, False, bias)
+    q, k, v = (t.float() for t in (q, k, v))
+    want = oracle_attention(q, k, v, 0.5, None, False, bias)
+    for route in (contextlib.nullcontext(), reference.sdpa_only()):
+        with route:
+            torch.testing.assert_close(reference.sdpa_attention(q, k, v, 0.5, None, False, bias).double(), want,
+                                       rtol=0, atol=5e-3)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_hf_attention_on_pruned_widths_matches_eager(impl):
     """spp.layers.hf_attention (the Llama / OPT / CLIP adapters' call into Hugging Face's attention

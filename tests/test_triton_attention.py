@@ -274,14 +274,10 @@ def bias_of(bs, N, M, dtype=torch.float32, seed=9):
     return b.to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("bs", BIAS_SHAPES, ids=lambda b: f"Bb{b[0]}_Hb{b[1]}")
-@pytest.mark.parametrize("mask", ["none", "padding", "causal_padding"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
-def test_additive_bias_forward_and_backward(bs, mask, dtype):
-    """The additive bias of (Bb, Hb) rows (batch row b adds bias[b % Bb]) against float64 autograd,
-    with key padding and causal masks on top, across key blocks (33 tokens, 32-token blocks)."""
-    B, H, N, D, Dv = 4, 3, 33, 5, 11
-    q, k, v = inputs((B, H, N, D, Dv), dtype, seed=5)
+def check_bias(shape, bs, mask, dtype, msg=""):
+    """Forward and dq / dk / dv with an additive (Bb, Hb, N, N) bias against float64 autograd."""
+    B, H, N, D, Dv = shape
+    q, k, v = inputs(shape, dtype, seed=5)
     attn_mask, is_causal = mask_args(mask, B, N)
     bias = bias_of(bs, N, N, dtype)
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -291,11 +287,29 @@ def test_additive_bias_forward_and_backward(bs, mask, dtype):
     t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attention64(*t64, 0.3, attn_mask, is_causal, bias)
     want = torch.autograd.grad(ref, t64, do.double())
-    assert_close(out.cpu(), ref.cpu(), dtype, N, msg=f"{bs} {mask} out")
+    assert_close(out.cpu(), ref.cpu(), dtype, N, msg=f"{msg} {bs} {mask} out")
     for name, a, b in zip(("dq", "dk", "dv"), grads, want):
-        assert_close(a.cpu(), b.cpu(), dtype, N, msg=f"{bs} {mask} {name}")
+        assert_close(a.cpu(), b.cpu(), dtype, N, msg=f"{msg} {bs} {mask} {name}")
     # the bias matters
     assert (out - tri.attention(q, k, v, 0.3, attn_mask, is_causal)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("bs", BIAS_SHAPES, ids=lambda b: f"Bb{b[0]}_Hb{b[1]}")
+@pytest.mark.parametrize("mask", ["none", "padding", "causal_padding"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_additive_bias_forward_and_backward(bs, mask, dtype):
+    """The additive bias of (Bb, Hb) rows (batch row b adds bias[b % Bb]) against float64 autograd,
+    with key padding and causal masks on top, across key blocks (33 tokens, 32-token blocks)."""
+    check_bias((4, 3, 33, 5, 11), bs, mask, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape, bs", [((2, 3, 197, 64, 17), (1, 3)), ((4, 3, 49, 32, 9), (2, 3)),
+                                       ((2, 2, 64, 23, 37), (2, 1))], ids=str)
+def test_additive_bias_sweep_larger_shapes(shape, bs, dtype, mask):
+    check_bias(shape, bs, mask, dtype, msg=str(shape))
 
 
 def test_additive_bias_with_ragged_widths():
@@ -323,6 +337,20 @@ def test_bias_that_requires_grad_goes_to_the_torch_backend(monkeypatch):
     assert calls == [1] and dbias.abs().sum() > 0
     tri.dispatch_attention(q, k, v, 0.3, None, False, bias.detach())
     assert calls == [1]  # a detached bias stays on the kernel
+
+
+def test_bias_and_mask_changed_in_place_before_the_backward_raise():
+    """The bias and the key-padding mask are saved like q, k, v: changing them in place between
+    forward and backward raises instead of giving gradients of another function."""
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    bias = bias_of((1, 3), 7, 7)
+    mask = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    for changed in ("bias", "mask"):
+        qg = q.clone().requires_grad_()
+        out = tri.attention(qg, k, v, 0.3, mask, False, bias)
+        (bias if changed == "bias" else mask)[..., 0] = (bias[..., 0] + 1.0) if changed == "bias" else False
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out.sum(), qg)
 
 
 def test_ragged_with_full_widths_equals_attention():

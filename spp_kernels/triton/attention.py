@@ -381,15 +381,15 @@ def _(do, q, k, v, o, lse, scale, attn_mask, is_causal, qk_widths, v_widths, bia
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, attn_mask, is_causal, qk_widths, v_widths, bias = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale, ctx.attn_mask, ctx.is_causal, ctx.widths = scale, attn_mask, is_causal, (qk_widths, v_widths)
-    ctx.bias = bias
+    # the masks, widths and bias saved like q, k, v: an in-place change before the backward raises
+    ctx.save_for_backward(q, k, v, o, lse, attn_mask, qk_widths, v_widths, bias)
+    ctx.scale, ctx.is_causal = scale, is_causal
 
 
 def _backward_rule(ctx, do, dlse):  # lse is an auxiliary output: its gradient is ignored
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.attn_mask, ctx.is_causal, *ctx.widths,
-                               ctx.bias)
+    q, k, v, o, lse, attn_mask, qk_widths, v_widths, bias = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale, attn_mask, ctx.is_causal, qk_widths, v_widths,
+                               bias)
     return dq, dk, dv, None, None, None, None, None, None
 
 

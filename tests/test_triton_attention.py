@@ -353,6 +353,18 @@ def test_bias_and_mask_changed_in_place_before_the_backward_raise():
             torch.autograd.grad(out.sum(), qg)
 
 
+def test_gpu_blocks_fit_short_sequences(monkeypatch):
+    """On a GPU the token blocks shrink to the sequence (padded to a power of two, at least 16):
+    Swin's 49-token windows take 64-row blocks, not 128 (the GPU sizes, without the interpreter)."""
+    monkeypatch.setattr(tri, "INTERPRET", False)
+    assert tri._blocks(32, 32, False, 49, 49) == (64, 64, 32, 32)
+    assert tri._blocks(64, 17, False, 197, 197) == (128, 64, 64, 32)
+    assert tri._blocks(64, 64, True, 197, 197) == (64, 64, 64, 64)
+    assert tri._blocks(13, 5, True, 5, 7) == (16, 16, 16, 16)
+    assert tri._blocks(13, 5, False, 0, 0) == (16, 16, 16, 16)
+    assert tri._blocks(256, 64, False, 4096, 4096) == (32, 32, 256, 64)
+
+
 def test_ragged_with_full_widths_equals_attention():
     q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
     full = tri.attention_ragged(q, k, v, 0.3, torch.full((3,), 5), torch.full((3,), 9))

@@ -276,9 +276,11 @@ def _attn_bwd_dq_kernel(
              dq.to(dq_ptr.dtype.element_ty), mask=mmask[:, None] & (offs_d[None, :] < D))
 
 
-def _blocks(D: int, Dv: int, backward: bool) -> tuple[int, int, int, int]:
+def _blocks(D: int, Dv: int, backward: bool, N: int = 1 << 30, M: int = 1 << 30) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV): widths padded to powers of two >= 16 (``tl.dot``'s
-    smallest tile); token blocks smaller for wide heads so the tiles fit in shared memory."""
+    smallest tile); token blocks smaller for wide heads so the tiles fit in shared memory, and no
+    larger than the N queries / M keys padded to a power of two (Swin's 49-token windows: 64, not
+    128 rows of which 79 would be masked)."""
     bd, bdv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     if INTERPRET:
         return 32, 32, bd, bdv  # few big blocks: the interpreter's cost is per program
@@ -287,7 +289,10 @@ def _blocks(D: int, Dv: int, backward: bool) -> tuple[int, int, int, int]:
         bm = 64 if widest <= 64 else (32 if widest <= 128 else 16)
     else:
         bm = 128 if widest <= 64 else (64 if widest <= 128 else 32)
-    return bm, (64 if widest <= 128 else 32), bd, bdv
+    bn = 64 if widest <= 128 else 32
+    bm = max(16, min(bm, triton.next_power_of_2(max(N, 1))))
+    bn = max(16, min(bn, triton.next_power_of_2(max(M, 1))))
+    return bm, bn, bd, bdv
 
 
 def _meta(q, attn_mask, is_causal, widths, bias):
@@ -313,7 +318,7 @@ def _forward(q, k, v, scale, attn_mask, is_causal, widths, bias=None):
     mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
     qkw, vw = widths if widths is not None else (q, q)
     bias_t, bb, hb = _bias_args(q, bias)
-    bm, bn, bd, bdv = _blocks(D, Dv, backward=False)
+    bm, bn, bd, bdv = _blocks(D, Dv, backward=False, N=N, M=M)
     grid = (B * H, triton.cdiv(N, bm))
     _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, qkw, vw, bias_t, H, N, M, D, Dv, float(scale), bb, hb,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
@@ -336,7 +341,7 @@ def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths, bias=Non
     mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
     qkw, vw = widths if widths is not None else (q, q)
     bias_t, bb, hb = _bias_args(q, bias)
-    bm, bn, bd, bdv = _blocks(D, Dv, backward=True)
+    bm, bn, bd, bdv = _blocks(D, Dv, backward=True, N=N, M=M)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **_meta(q, attn_mask, is_causal, widths, bias))
     _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, qkw, vw, bias_t,
                                                        H, N, M, D, Dv, float(scale), bb, hb, **meta)

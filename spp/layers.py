@@ -6,7 +6,6 @@ fixed at construction to the original ``1/sqrt(head_dim)`` and never changes wit
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -209,34 +208,18 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
 
 # torch 2.5 made SDPA give 0 (not NaN) for query rows whose bool mask admits no key, as the op does
 _SDPA_ZEROES_ROWS_WITHOUT_KEYS = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
-_KEY_PADDING_LAST: list = [None]  # (weakref to the mask, its version, (batch, keys, device), result)
-_CAUSAL_LAST: list = [None]  # (weakref to the mask, its version, (batch, queries, keys), result)
 
 
 def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None,
                 queries: Optional[int] = None):
-    """:func:`_key_padding`, remembered for the last mask seen: every layer of a forward gets the
-    same mask tensor, so it is read once per forward, not once per layer (the tensor's identity
-    and version counter guard the reuse)."""
+    """:func:`_key_padding`, remembered per mask (``spp_kernels.reference.remembered``): every
+    layer of a forward gets the same mask tensor, so it is read once per forward, not once per
+    layer (the tensor's identity and version counter guard the reuse; an inference tensor has no
+    version counter, so it is read every time)."""
     if attn_mask is None:
         return None
-    return _remembered(_KEY_PADDING_LAST, attn_mask, (batch, keys, device, queries),
-                       lambda: _key_padding(attn_mask, batch, keys, device, queries))
-
-
-def _remembered(slot: list, mask: torch.Tensor, args: tuple, compute):
-    """``compute()``, remembered in ``slot`` for the last mask seen with these ``args``: the
-    tensor's identity and version counter guard the reuse (an inference tensor has no version
-    counter, so it is read every time; writes that bypass the counter, through ``.data`` or a
-    NumPy view, are not seen: build a new mask instead, as Hugging Face does every forward)."""
-    if mask.is_inference():
-        return compute()
-    last = slot[0]
-    if last is not None and last[0]() is mask and last[1] == mask._version and last[2] == args:
-        return last[3]
-    result = compute()
-    slot[0] = (weakref.ref(mask), mask._version, args, result)
-    return result
+    return spp_kernels.reference.remembered(attn_mask, ("key_padding", batch, keys, device, queries),
+                                            lambda: _key_padding(attn_mask, batch, keys, device, queries))
 
 
 def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: int,
@@ -250,11 +233,11 @@ def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: 
     another ``device``. Left padding in a bool mask — what Hugging Face builds for "sdpa" — is
     read: SDPA gives those rows 0 as the op does (forward and gradients; since torch 2.5, whose
     SDPA zeroes rows without a key — with an older torch such masks stay with the model's
-    function). Remembered for the last mask, like :func:`key_padding`."""
+    function). Remembered per mask, like :func:`key_padding`."""
     if device is not None and torch.device(device) != attn_mask.device:
         return False
-    return _remembered(_CAUSAL_LAST, attn_mask, (batch, queries, keys),
-                       lambda: _causal_key_padding(attn_mask, batch, queries, keys))
+    return spp_kernels.reference.remembered(attn_mask, ("causal_key_padding", batch, queries, keys),
+                                            lambda: _causal_key_padding(attn_mask, batch, queries, keys))
 
 
 def _causal_key_padding(m: torch.Tensor, batch: int, queries: int, keys: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import contextvars
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -457,18 +458,57 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return D != v.shape[-1] or bias is not None
 
 
+# Values derived from masks on the host routes (whether a key-padding mask keeps every key, its
+# query rows without keys, the chunked route's score biases; in spp.layers the key padding read
+# from a model's mask), remembered for the last few masks seen: every layer of a forward gets the
+# same mask tensors, so they are computed once per forward instead of once per layer (at batch 1
+# and MiniLM's pruned widths the op's part was 45 of 330 µs a call, 4 % of the pruned model at
+# 0.3 of the FLOPs). The tensor's identity and version counter guard the reuse; inference tensors,
+# which have no version counter, are not remembered; writes that bypass the counter (``.data``,
+# NumPy views) are not seen: build a new mask instead, as Hugging Face does every forward.
+_MASK_MEMO: list = []  # [(weakref to the mask, its version, {key: value})], most recent first
+_MASK_MEMO_SIZE = 4
+
+
+def remembered(mask: torch.Tensor, key, compute: Callable):
+    """``compute()``, remembered under ``key`` (hashable) for ``mask`` while it is unchanged (see
+    ``_MASK_MEMO``). Callers never write to what it returns."""
+    if mask.is_inference():
+        return compute()
+    for i, (ref, version, memo) in enumerate(_MASK_MEMO):
+        if ref() is mask:
+            if version != mask._version:
+                memo = {}
+                _MASK_MEMO[i] = (ref, mask._version, memo)
+            break
+    else:
+        memo = {}
+        _MASK_MEMO.insert(0, (weakref.ref(mask), mask._version, memo))
+        del _MASK_MEMO[_MASK_MEMO_SIZE:]
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def _chunk_bias(q: torch.Tensor, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
     """The additive 0 / -inf score biases of the chunked route, a list of none, one or both of
-    (B*H, 1, M) for key padding and (1, N, M) for causal."""
+    (B*H, 1, M) for key padding and (1, N, M) for causal (remembered per mask; never written to)."""
+    if attn_mask is None:
+        return _chunk_bias_now(q.dtype, q.device, H, N, M, None, is_causal)
+    return remembered(attn_mask, ("bias", q.dtype, q.device, H, N, M, is_causal),
+                     lambda: _chunk_bias_now(q.dtype, q.device, H, N, M, attn_mask, is_causal))
+
+
+def _chunk_bias_now(dtype, device, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
     biases = []
     if attn_mask is not None:
         B = attn_mask.shape[0]
-        bias = torch.zeros(B, 1, 1, M, dtype=q.dtype, device=q.device)
+        bias = torch.zeros(B, 1, 1, M, dtype=dtype, device=device)
         bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
         biases.append(bias.expand(B, H, 1, M).reshape(B * H, 1, M))
     if is_causal:  # query i attends keys j <= i + M - N
-        bias = torch.zeros(1, N, M, dtype=q.dtype, device=q.device)
-        biases.append(bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf")))
+        bias = torch.zeros(1, N, M, dtype=dtype, device=device)
+        biases.append(bias.masked_fill_(~causal_keep(N, M, device), float("-inf")))
     return biases
 
 
@@ -516,11 +556,18 @@ def _rows_without_keys(attn_mask: Optional[torch.Tensor], is_causal: bool, N: in
                        read: bool = True) -> Optional[torch.Tensor]:
     """(B | 1, N) bool: the query rows that attend to no key (the op gives them 0), or None when
     there are none. ``read=False`` (no host reads: other devices, transforms, compile) returns the
-    tensor whenever the mask could leave a row without keys, without looking at its values."""
+    tensor whenever the mask could leave a row without keys, without looking at its values. Read
+    answers are remembered per mask (:func:`remembered`; never write to them)."""
     if attn_mask is None:
         if not (is_causal and N > M):
             return None
         return (torch.arange(N) < N - M)[None]  # causal queries i < N - M see no key
+    if read:
+        return remembered(attn_mask, ("rows", is_causal, N, M), lambda: _rows_of(attn_mask, is_causal, N, M, True))
+    return _rows_of(attn_mask, is_causal, N, M, False)
+
+
+def _rows_of(attn_mask: torch.Tensor, is_causal: bool, N: int, M: int, read: bool) -> Optional[torch.Tensor]:
     if not is_causal:
         rows = (~attn_mask.any(-1))[:, None].expand(attn_mask.shape[0], N)
     else:  # query i sees keys j < i + M - N + 1: none when no key of that prefix is kept
@@ -692,7 +739,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     route gathers it per chunk instead."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
-    check = attn_mask is not None and host and not bool(attn_mask.all())
+    check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))
     if attn_mask is not None and (not host or (check and _no_key_rows(attn_mask, is_causal, q.shape[2], k.shape[2]))):
         k, v = _drop_masked(k, v, attn_mask)
         check = False

@@ -458,6 +458,30 @@ def test_layer_core_with_bias_and_causal(drop, mask_kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_values_of_a_mask_are_remembered_only_while_it_is_unchanged():
+    """The host routes remember what they derive from a key-padding mask (for the layers of one
+    forward): a mask changed in place, another mask, other head counts or query counts, causal or
+    not, and an inference-mode mask all give the oracle's numbers."""
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    mask = padding_mask(2, 7, seed=3)
+    for step in range(5):
+        if step == 1:
+            mask[1, :] = True  # in place: the version counter moves
+        if step == 2:
+            mask[1, :] = False  # a batch row without keys
+        if step == 3:
+            mask = padding_mask(2, 7, seed=4)  # another tensor
+        for causal in (False, True):
+            for qq, kk, vv in ((q, k, v), (q[:, :2], k[:, :2], v[:, :2]), (q[:, :, :4], k, v)):
+                want = oracle_attention(qq, kk, vv, 0.3, mask, causal)
+                got = reference.sdpa_attention(qq, kk, vv, 0.3, mask, causal)
+                assert_close(got, want, torch.float32, 5, 7, msg=f"step {step} causal {causal} {tuple(qq.shape)}")
+    with torch.inference_mode():
+        im = padding_mask(2, 7, seed=5)
+        got = reference.sdpa_attention(q, k, v, 0.3, im, True)
+    assert_close(got, oracle_attention(q, k, v, 0.3, im, True), torch.float32, 5, 7)
+
+
 def test_bias_must_be_finite_in_the_dtype_of_q():
     """An fp32 bias of -1e5 is finite, but -inf as fp16 (SDPA's mask takes q's dtype): refused for
     fp16 q, accepted for fp32 q (every route near the oracle: fp32 keeps ~0.008 of a logit at 1e5)."""

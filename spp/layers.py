@@ -218,7 +218,8 @@ def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device
     version counter, so it is read every time)."""
     if attn_mask is None:
         return None
-    return spp_kernels.reference.remembered(attn_mask, ("key_padding", batch, keys, device, queries),
+    return spp_kernels.reference.remembered(attn_mask, ("key_padding", batch, keys, device, queries,
+                                                        attn_mask.requires_grad),
                                             lambda: _key_padding(attn_mask, batch, keys, device, queries))
 
 
@@ -236,7 +237,8 @@ def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: 
     function). Remembered per mask, like :func:`key_padding`."""
     if device is not None and torch.device(device) != attn_mask.device:
         return False
-    return spp_kernels.reference.remembered(attn_mask, ("causal_key_padding", batch, queries, keys),
+    return spp_kernels.reference.remembered(attn_mask, ("causal_key_padding", batch, queries, keys,
+                                                        attn_mask.requires_grad),
                                             lambda: _causal_key_padding(attn_mask, batch, queries, keys))
 
 

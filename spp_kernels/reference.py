@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import contextvars
+import threading
 import weakref
 from typing import Callable, Optional
 
@@ -467,49 +468,55 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # which have no version counter, are not remembered; writes that bypass the counter (``.data``,
 # NumPy views) are not seen: build a new mask instead, as Hugging Face does every forward.
 _MASK_MEMO: list = []  # [(weakref to the mask, its version, {key: value})], most recent first
-_MASK_MEMO_SIZE = 4
+_MASK_MEMO_SIZE = 4  # masks
+_MASK_MEMO_KEYS = 16  # values per mask (a mask reused across many shapes starts over past it)
+_MASK_MEMO_LOCK = threading.Lock()
 
 
 def remembered(mask: torch.Tensor, key, compute: Callable):
     """``compute()``, remembered under ``key`` (hashable) for ``mask`` while it is unchanged (see
-    ``_MASK_MEMO``). Callers never write to what it returns."""
+    ``_MASK_MEMO``). Callers never write to what it returns. Values are computed outside inference
+    mode, so a value first computed there still serves a later step that records a graph."""
     if mask.is_inference():
         return compute()
-    for i, (ref, version, memo) in enumerate(_MASK_MEMO):
-        if ref() is mask:
-            if version != mask._version:
-                memo = {}
-                _MASK_MEMO[i] = (ref, mask._version, memo)
-            break
-    else:
-        memo = {}
-        _MASK_MEMO.insert(0, (weakref.ref(mask), mask._version, memo))
-        del _MASK_MEMO[_MASK_MEMO_SIZE:]
-    if key not in memo:
-        memo[key] = compute()
-    return memo[key]
+    with _MASK_MEMO_LOCK:
+        for i, (ref, version, memo) in enumerate(_MASK_MEMO):
+            if ref() is mask:
+                if version != mask._version or len(memo) >= _MASK_MEMO_KEYS and key not in memo:
+                    memo = {}
+                    _MASK_MEMO[i] = (ref, mask._version, memo)
+                break
+        else:
+            memo = {}
+            _MASK_MEMO.insert(0, (weakref.ref(mask), mask._version, memo))
+            del _MASK_MEMO[_MASK_MEMO_SIZE:]
+        if key in memo:
+            return memo[key]
+    with torch.inference_mode(False):
+        value = compute()
+    with _MASK_MEMO_LOCK:
+        memo[key] = value
+    return value
 
 
 def _chunk_bias(q: torch.Tensor, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
     """The additive 0 / -inf score biases of the chunked route, a list of none, one or both of
-    (B*H, 1, M) for key padding and (1, N, M) for causal (remembered per mask; never written to)."""
-    if attn_mask is None:
-        return _chunk_bias_now(q.dtype, q.device, H, N, M, None, is_causal)
-    return remembered(attn_mask, ("bias", q.dtype, q.device, H, N, M, is_causal),
-                     lambda: _chunk_bias_now(q.dtype, q.device, H, N, M, attn_mask, is_causal))
-
-
-def _chunk_bias_now(dtype, device, H: int, N: int, M: int, attn_mask: Optional[torch.Tensor], is_causal: bool):
+    (B*H, 1, M) for key padding (remembered per mask and never written to) and (1, N, M) for causal."""
     biases = []
     if attn_mask is not None:
-        B = attn_mask.shape[0]
-        bias = torch.zeros(B, 1, 1, M, dtype=dtype, device=device)
-        bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
-        biases.append(bias.expand(B, H, 1, M).reshape(B * H, 1, M))
+        biases.append(remembered(attn_mask, ("bias", q.dtype, q.device, H),
+                                 lambda: _key_padding_bias(attn_mask, H, q.dtype, q.device)))
     if is_causal:  # query i attends keys j <= i + M - N
-        bias = torch.zeros(1, N, M, dtype=dtype, device=device)
-        biases.append(bias.masked_fill_(~causal_keep(N, M, device), float("-inf")))
+        bias = torch.zeros(1, N, M, dtype=q.dtype, device=q.device)
+        biases.append(bias.masked_fill_(~causal_keep(N, M, q.device), float("-inf")))
     return biases
+
+
+def _key_padding_bias(attn_mask: torch.Tensor, H: int, dtype, device) -> torch.Tensor:
+    B, M = attn_mask.shape
+    bias = torch.zeros(B, 1, 1, M, dtype=dtype, device=device)
+    bias.masked_fill_(~attn_mask[:, None, None, :], float("-inf"))
+    return bias.expand(B, H, 1, M).reshape(B * H, 1, M)
 
 
 def _bias_rows(bias: Optional[torch.Tensor], B: int, H: int, dtype: torch.dtype):

@@ -482,6 +482,53 @@ def test_values_of_a_mask_are_remembered_only_while_it_is_unchanged():
     assert_close(got, oracle_attention(q, k, v, 0.3, im, True), torch.float32, 5, 7)
 
 
+def test_remembered_values_serve_grad_mode_after_inference_mode():
+    """A mask first seen under inference mode, then in a training step (rows without keys: the
+    remembered rows tensor is saved for the backward): values are computed outside inference mode."""
+    q, k, v = inputs((2, 2, 5, 4, 4), torch.float32)  # equal widths: the SDPA route
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    with torch.inference_mode():
+        reference.sdpa_attention(q, k, v, 0.3, mask)
+    qg = q.clone().requires_grad_()
+    out = reference.sdpa_attention(qg, k, v, 0.3, mask)
+    (g,) = torch.autograd.grad(out.sum(), qg)
+    assert torch.all(out[1] == 0) and torch.all(g[1] == 0) and g[0].abs().sum() > 0
+
+
+def test_remembered_memo_is_bounded_and_thread_safe():
+    """One mask reused at many shapes keeps at most _MASK_MEMO_KEYS values; threads running the op
+    with their own masks at once always get their own mask's numbers."""
+    import threading
+
+    mask = padding_mask(2, 9, seed=2)
+    for n in range(1, 40):
+        q = torch.randn(2, 2, n, 3)
+        reference.sdpa_attention(q, *inputs((2, 2, 9, 3, 5), torch.float32)[1:], 0.3, mask, True)
+    entry = next(e for e in reference._MASK_MEMO if e[0]() is mask)
+    assert len(entry[2]) <= reference._MASK_MEMO_KEYS
+    q, k, v = inputs((2, 3, 7, 5, 9), torch.float32)
+    masks = [padding_mask(2, 7, seed=s) for s in range(6)]
+    for m in masks:
+        m[1, : 1 + len(masks)] = False
+    wants = [oracle_attention(q, k, v, 0.3, m, True) for m in masks]
+    errors = []
+
+    def run(i):
+        try:
+            for _ in range(60):
+                assert_close(reference.sdpa_attention(q, k, v, 0.3, masks[i], True), wants[i], torch.float32, 5, 7)
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(masks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def test_bias_must_be_finite_in_the_dtype_of_q():
     """An fp32 bias of -1e5 is finite, but -inf as fp16 (SDPA's mask takes q's dtype): refused for
     fp16 q, accepted for fp32 q (every route near the oracle: fp32 keeps ~0.008 of a logit at 1e5)."""
@@ -660,6 +707,9 @@ def test_key_padding_is_read_once_per_mask_and_rereads_a_changed_one():
     other[1, ..., :] = True
     assert bool(layers.key_padding(other, 2, 6)[1].all())  # another tensor is not confused with it
     assert layers.key_padding(keep, 2, 7) is False  # nor are other arguments
+    grad = torch.zeros(2, 1, 1, 6)
+    assert layers.key_padding(grad, 2, 6) is None
+    assert layers.key_padding(grad.requires_grad_(), 2, 6) is False  # requires_grad_ moves no version counter
 
 
 def test_pruned_bert_runs_under_inference_mode():

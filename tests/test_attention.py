@@ -37,6 +37,15 @@ def padding_mask(B, N, seed=1):
     return torch.arange(N)[None, :] < lengths[:, None]
 
 
+def left_padding_mask(B, M):
+    """Left padding: batch row 1 pads its first 3 keys, row 2 its first one (with causal masking
+    the first queries of those rows see no key)."""
+    mask = torch.ones(B, M, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[2, :1] = False
+    return mask
+
+
 @pytest.mark.parametrize("fn", [reference.attention, reference.sdpa_attention], ids=["reference", "sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -92,10 +101,8 @@ def test_cpu_chunked_path_across_chunk_boundaries(monkeypatch, chunk_heads, mask
         mask = padding_mask(B, M, seed=3)
         if masking == "empty_row":
             mask[1] = False
-    if masking == "causal_left_padding":  # the first queries of batch rows 1 and 2 see no key
-        mask = torch.ones(B, M, dtype=torch.bool)
-        mask[1, :3] = False
-        mask[2, :1] = False
+    if masking == "causal_left_padding":
+        mask = left_padding_mask(B, M)
     causal = masking.startswith("causal")
     monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", chunk_heads * N * M * 4)
     assert reference.use_cpu_chunked(q, k, v)
@@ -281,10 +288,8 @@ def test_additive_bias_gradients(monkeypatch, route, chunk_heads, bs, masking):
     mask = None
     if masking == "padding":
         mask = padding_mask(B, N, seed=3)
-    if masking == "causal_left_padding":  # the first queries of batch rows 1 and 2 see no key
-        mask = torch.ones(B, N, dtype=torch.bool)
-        mask[1, :3] = False
-        mask[2, :1] = False
+    if masking == "causal_left_padding":
+        mask = left_padding_mask(B, N)
     causal = masking.startswith("causal")
     monkeypatch.setattr(reference, "CPU_SCORE_CHUNK_BYTES", chunk_heads * N * N * 4)
     ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]

@@ -106,8 +106,6 @@ class MaskedAttention(nn.Module):
         if drop == 0.0:
             keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device, queries=q.shape[2])
             if keys is not False:
-                if bias is None:
-                    return spp_kernels.attention(q, k, v, self.scale, keys, is_causal)
                 return spp_kernels.attention(q, k, v, self.scale, keys, is_causal, bias=bias)
         if is_causal and (attn_mask is not None or bias is not None):  # SDPA takes no mask with is_causal
             attn_mask = _with_causal(attn_mask, spp_kernels.reference.causal_keep(q.shape[2], k.shape[2], q.device))

@@ -108,10 +108,12 @@ class MaskedAttention(nn.Module):
             if keys is not False:
                 return spp_kernels.attention(q, k, v, self.scale, keys, is_causal, bias=bias)
         if is_causal and (attn_mask is not None or bias is not None):  # SDPA takes no mask with is_causal
-            attn_mask = _with_causal(attn_mask, spp_kernels.reference.causal_keep(q.shape[2], k.shape[2], q.device))
+            attn_mask = spp_kernels.reference.sdpa_mask_and(
+                attn_mask, spp_kernels.reference.causal_keep(q.shape[2], k.shape[2], q.device))
             is_causal = False
         if bias is not None:
-            attn_mask = _with_bias(attn_mask, spp_kernels.reference.tile_bias(bias, q.shape[0]).to(q.dtype))
+            attn_mask = spp_kernels.reference.sdpa_mask_plus(
+                attn_mask, spp_kernels.reference.tile_bias(bias, q.shape[0]).to(q.dtype))
         Dv = v.shape[-1]
         q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal,
@@ -120,24 +122,6 @@ class MaskedAttention(nn.Module):
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"
         return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
-
-
-def _with_causal(attn_mask: Optional[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-    """An SDPA mask (None, bool True = attend, or additive float) restricted to the bool ``keep``."""
-    if attn_mask is None:
-        return keep
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & keep
-    return attn_mask.masked_fill(~keep, float("-inf"))
-
-
-def _with_bias(attn_mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
-    """An SDPA mask (None, bool True = attend, or additive float) with an additive bias added."""
-    if attn_mask is None:
-        return bias
-    if attn_mask.dtype == torch.bool:
-        return bias.masked_fill(~attn_mask, float("-inf"))
-    return bias + attn_mask
 
 
 def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask, **kwargs):

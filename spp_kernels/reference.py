@@ -757,6 +757,24 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return out
 
 
+def sdpa_mask_and(attn_mask: Optional[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask (None, bool True = attend, or additive float) restricted to the bool ``keep``."""
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+def sdpa_mask_plus(attn_mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask (None, bool True = attend, or additive float) with an additive ``bias`` added."""
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask
+
+
 def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None) -> torch.Tensor:
     if use_cpu_chunked(q, k, v, attn_mask, bias):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal, bias)
@@ -768,16 +786,14 @@ def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None
     mask = None if attn_mask is None else attn_mask[:, None, None, :]
     # SDPA aligns is_causal top-left and takes no mask with it
     if is_causal and (N != M or mask is not None or bias is not None):
-        causal = causal_keep(N, M, q.device)
-        mask = causal if mask is None else mask & causal
+        mask = sdpa_mask_and(mask, causal_keep(N, M, q.device))
         is_causal = False
     if empty is not None:
         empty = empty.to(q.device)[:, None, :, None]
         if host or mask.shape[2] != 1:  # not where it would widen a broadcast key-padding mask unread
             mask = mask | empty
     if bias is not None:
-        tiled = tile_bias(bias, q.shape[0]).to(q.dtype)
-        mask = tiled if mask is None else tiled.masked_fill(~mask, float("-inf"))
+        mask = sdpa_mask_plus(mask, tile_bias(bias, q.shape[0]).to(q.dtype))
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)[..., :Dv]

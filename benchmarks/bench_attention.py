@@ -9,8 +9,9 @@ as the additive bias (64, 3, 49, 49): our op reads it per window, SDPA gets it t
 B·64 windows, as timm builds it (the tiling timed). Forward
 (``fwd_ms``) and forward+backward (``fwd_bwd_ms``), median of repeats (CUDA events on GPUs).
 Providers: ``spp_triton`` (spp_kernels.triton.attention.attention, CUDA only: interpreter timings
-on CPU mean nothing), ``spp_cpu`` (CPU only: the op's torch backend, ``reference.sdpa_attention``,
-which pruned layers run on CPUs), ``sdpa_same`` (F.scaled_dot_product_attention on the pruned widths as they
+on CPU mean nothing), ``spp_ext`` (CPU only, where the extension is built: its attention, which
+pruned layers run on CPUs — the fused forward kernel, the chunked route's backward),
+``spp_cpu`` (CPU only: the op's torch backend, ``reference.sdpa_attention``), ``sdpa_same`` (F.scaled_dot_product_attention on the pruned widths as they
 are), ``sdpa_padded`` (q, k, v zero-padded to one common width, the next multiple of 8 of
 max(D, Dv) — zero channels change neither q·k nor the kept outputs — padding and slicing timed).
 
@@ -156,9 +157,16 @@ def main(argv=None) -> None:
         from spp_kernels import reference
 
         providers = {"spp_cpu": ours(reference.sdpa_attention), **providers}
+        from spp_kernels import _ext
+
+        if _ext.available and getattr(_ext._C, "attention_cpu", 0):
+            from spp_kernels import ext_ops
+
+            providers = {"spp_ext": ours(ext_ops.attention), **providers}
         print("CPU: skipping the spp_triton rows (only Triton's interpreter runs on CPU; its timings mean "
-              "nothing). spp_cpu is the op's torch backend that pruned layers use on CPUs (chunked "
-              "GEMM-softmax-GEMM at the pruned widths in fp32 where it applies, with its own backward; else SDPA).")
+              "nothing). spp_ext is the extension's op that pruned layers use on CPUs where it is built (a "
+              "fused forward); spp_cpu the torch backend (chunked GEMM-softmax-GEMM at the pruned widths in "
+              "fp32 where it applies, with its own backward; else SDPA).")
 
     dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention_{device.type}.csv")

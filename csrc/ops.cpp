@@ -25,6 +25,9 @@ void inclusion_step_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double,
                         double, double, double, double, double, double, double, double, c10::string_view,
                         c10::string_view, bool, bool);
+at::Tensor attention_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                         const std::optional<at::Tensor>&, bool);
+bool attention_cpu_available();
 }  // namespace spp_ext
 
 TORCH_LIBRARY(spp_ext, m) {
@@ -39,6 +42,7 @@ TORCH_LIBRARY(spp_ext, m) {
         "Tensor(e!) gamma, Tensor(f!) entry, Tensor(g!) support_count, int step, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, float kappa, float lam, float nu, float step_size, float inv_sqrt_bc2, "
         "float rho, str gamma_mode, str optimizer, bool record, bool check_finite) -> ()");
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? keep, bool causal) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spp_ext, CPU, m) {
@@ -47,6 +51,7 @@ TORCH_LIBRARY_IMPL(spp_ext, CPU, m) {
   m.impl("pair_matmul", &spp_ext::pair_matmul_cpu);
   m.impl("pair_matmul_backward", &spp_ext::pair_matmul_backward_cpu);
   m.impl("inclusion_step", &spp_ext::inclusion_step_cpu);
+  m.impl("attention", &spp_ext::attention_cpu);
 }
 
 extern "C" {
@@ -60,6 +65,8 @@ PyObject* PyInit__C(void) {
 #else
     PyModule_AddIntConstant(mod, "with_cuda", 0);
 #endif
+    // whether the attention op has the BLAS it calls (torch's exported sgemm_)
+    PyModule_AddIntConstant(mod, "attention_cpu", spp_ext::attention_cpu_available() ? 1 : 0);
   }
   return mod;
 }

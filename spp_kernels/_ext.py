@@ -30,5 +30,7 @@ if _C is not None:
     dispatch.register("pair_matmul", "ext", ext_ops.pair_matmul, devices=("cpu",))
     dispatch.register("inclusion_step", "ext", ext_ops.inclusion_step,
                       devices=("cpu", "cuda") if with_cuda else ("cpu",))
+    if getattr(_C, "attention_cpu", 0):
+        dispatch.register("attention", "ext", ext_ops.attention, devices=("cpu",))
 
 available = _C is not None

@@ -433,7 +433,8 @@ def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
 
 
 def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    attn_mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> bool:
+                    attn_mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    fused: bool = False) -> bool:
     """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention` (inference and training
     alike): fp32 CPU tensors that no torch.func transform (vmap, grad) wraps, outside
     torch.compile (compiled graphs keep SDPA); SDPA's flash kernel not switched off
@@ -448,7 +449,8 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     at equal widths: Swin-T windows (49 tokens, 32-wide heads, 64 images) 1.2-2x forward and
     1.5x forward + backward, 12 heads of 128 tokens 1.2x at batch 64 and 1.9x at batch 1; only
     DeiT-S-like heads (197 tokens, width 64, one shared bias) were 6 % slower forward, 2 % forward
-    + backward — a shape no adapter gives a bias."""
+    + backward — a shape no adapter gives a bias. With a ``fused`` forward (the extension's kernel,
+    see :func:`sdpa_attention`) the route is taken at equal widths too: it beat flash there."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or not _host_reads_ok(q, k, v, attn_mask, bias):
         return False
     if _SDPA_ONLY.get() or not torch.backends.cuda.flash_sdp_enabled():
@@ -456,7 +458,7 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     N, D = q.shape[2], q.shape[3]
     if N * k.shape[2] * 4 > CPU_SCORE_CHUNK_BYTES:
         return False
-    return D != v.shape[-1] or bias is not None
+    return D != v.shape[-1] or bias is not None or fused
 
 
 # Values derived from masks on the host routes (whether a key-padding mask keeps every key, its
@@ -588,7 +590,7 @@ def _rows_of(attn_mask: torch.Tensor, is_causal: bool, N: int, M: int, read: boo
 
 def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                           attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          bias: Optional[torch.Tensor] = None, fused: Optional[Callable] = None) -> torch.Tensor:
     """fp32 CPU attention at the pruned widths as they are: per chunk of (batch, head) pairs,
     ``baddbmm`` (scale and mask bias folded in) → softmax in place → ``bmm`` into the output.
     Chunks hold at most ``CPU_SCORE_CHUNK_BYTES`` of scores so they stay in cache. Differentiable:
@@ -602,13 +604,18 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     width is not a multiple of 16 run transposed (see :func:`_flip`), so the output and the
     gradients may come back as non-contiguous views: reshape them, do not ``view`` them. The
     additive ``bias`` is gathered per chunk from its (Bb·Hb) rows (never tiled to the batch) and
-    its gradient summed back into them."""
+    its gradient summed back into them.
+
+    ``fused(q, k, v, scale, attn_mask, is_causal)``, when given, computes the forward without a
+    ``bias`` instead (the extension's fused kernel); the backward stays the one here."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal, bias)
-    return _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias)
+        return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal, bias, fused)
+    return _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias, fused)
 
 
-def _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias=None) -> torch.Tensor:
+def _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias=None, fused=None) -> torch.Tensor:
+    if fused is not None and bias is None:
+        return fused(q, k, v, scale, attn_mask, is_causal)
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[-1]
     BH = B * H
@@ -638,8 +645,8 @@ class _CpuChunkedAttention(torch.autograd.Function):
     sum of dS over the (batch, head) pairs that share each bias row."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, attn_mask, is_causal, bias):
-        out = _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias)
+    def forward(ctx, q, k, v, scale, attn_mask, is_causal, bias, fused=None):
+        out = _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias, fused)
         ctx.save_for_backward(q, k, v, out, bias)
         ctx.scale, ctx.attn_mask, ctx.is_causal = scale, attn_mask, is_causal
         return out
@@ -660,7 +667,7 @@ class _CpuChunkedAttention(torch.autograd.Function):
         dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device) if want_dbias else None
         if BH == 0 or N == 0 or M == 0:
             return dq.zero_().view(q.shape), dk.zero_().view(k.shape), dv.zero_().view(v.shape), None, None, None, \
-                None if dbias is None else dbias.to(bias.dtype)
+                None if dbias is None else dbias.to(bias.dtype), None
         q3, k3, v3 = q.reshape(BH, N, D), k.reshape(BH, M, D), v.reshape(BH, M, Dv)
         do3 = do.reshape(BH, N, Dv)
         delta = (do * out).sum(-1, keepdim=True).reshape(BH, N, 1)  # rowsum(dO ⊙ O)
@@ -686,7 +693,7 @@ class _CpuChunkedAttention(torch.autograd.Function):
         dq.mul_(scale)
         dk.mul_(scale)
         return _unflip(dq, q.shape, flip_qk), _unflip(dk, k.shape, flip_qk), _unflip(dv, v.shape, flip_v), \
-            None, None, None, None if dbias is None else dbias.to(bias.dtype)
+            None, None, None, None if dbias is None else dbias.to(bias.dtype), None
 
 
 # The chunked route's GEMMs whose output is (rows, width) per (batch, head): where the width is
@@ -725,7 +732,7 @@ def _unflip(g: torch.Tensor, shape, flip: bool) -> torch.Tensor:
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None, *, fused: Optional[Callable] = None) -> torch.Tensor:
     """The torch backend of :func:`attention`: PyTorch's SDPA (its fast kernels where they accept
     the widths, its math path elsewhere; on CPUs unequal qk/v widths are zero-padded to the larger
     one, which keeps the flash kernel), with rows that attend to no key set to 0 as in the reference.
@@ -743,17 +750,20 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     An additive ``bias`` goes to SDPA tiled to the batch, as its float mask in q's dtype (with -inf
     where the masks exclude a key; so with fp16 / bf16 q the bias is rounded to that dtype here,
     where the reference, the chunked route and the Triton kernel add it in fp32); the chunked
-    route gathers it per chunk instead."""
+    route gathers it per chunk instead.
+
+    ``fused``: a forward for the chunked route's calls without ``bias`` (the ext backend passes its
+    fused CPU kernel, which then also takes equal widths; see :func:`cpu_chunked_attention`)."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))
     if attn_mask is not None and (not host or (check and _no_key_rows(attn_mask, is_causal, q.shape[2], k.shape[2]))):
         k, v = _drop_masked(k, v, attn_mask)
         check = False
-    out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias)
+    out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias, fused)
     if check and not math.isfinite(float(out.detach().sum(dtype=torch.float32))):
         k, v = _drop_masked(k, v, attn_mask)
-        out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias)
+        out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias, fused)
     return out
 
 
@@ -775,9 +785,9 @@ def sdpa_mask_plus(attn_mask: Optional[torch.Tensor], bias: torch.Tensor) -> tor
     return bias + attn_mask
 
 
-def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None) -> torch.Tensor:
-    if use_cpu_chunked(q, k, v, attn_mask, bias):
-        return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal, bias)
+def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None, fused=None) -> torch.Tensor:
+    if use_cpu_chunked(q, k, v, attn_mask, bias, fused is not None and bias is None):
+        return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal, bias, fused)
     N, M = q.shape[2], k.shape[2]
     # rows with no key (on CPUs read back, so None when there are none; elsewhere whenever the mask
     # could leave some): they attend every key inside SDPA, so that neither its forward nor its

@@ -72,9 +72,19 @@ def test_fully_masked_rows_are_zero_and_scale_matters():
         assert not torch.allclose(fn(q, k, v, 0.5), fn(q, k, v, 0.25))
 
 
-def test_public_op_dispatches_to_sdpa_on_cpu(monkeypatch):
+def test_public_op_dispatches_on_cpu(monkeypatch):
+    # the extension's attention (the torch routes with its fused forward) where it is built, else
+    # the torch backend (SDPA / the chunked route); SPP_BACKEND=torch forces the latter
     monkeypatch.delenv("SPP_BACKEND", raising=False)
+    from spp_kernels import _ext
     q, k, v = inputs((1, 2, 6, 5, 7), torch.float32)
+    if _ext.available and getattr(_ext._C, "attention_cpu", 0):
+        from spp_kernels import ext_ops
+        want = ext_ops.attention(q, k, v, 0.3)
+    else:
+        want = reference.sdpa_attention(q, k, v, 0.3)
+    assert torch.equal(spp_kernels.attention(q, k, v, 0.3), want)
+    monkeypatch.setenv("SPP_BACKEND", "torch")
     assert torch.equal(spp_kernels.attention(q, k, v, 0.3), reference.sdpa_attention(q, k, v, 0.3))
 
 

@@ -1,0 +1,252 @@
+// attention forward on CPU, fp32: softmax(q kᵀ · scale, key padding, causal) v at any qk / v widths,
+// fused per (batch, head, block of queries). Each task multiplies its query rows by the head's keys
+// (one BLAS sgemm reading q and k where they lie: the heads of a (B, N, H, D) projection output
+// need no copy), takes the softmax of those scores in place while they are in cache (a vectorised
+// exp of our own, cloned per instruction set) and multiplies them by the head's values (a second
+// sgemm) straight into the (B, N, H, Dv) output, so that the caller's reshape to (B, N, H·Dv) is a
+// view. Nothing of size N·M leaves the task; no q / k / v / output copies as on the chunked torch
+// route. The BLAS is the one torch links (its exported Fortran sgemm_); where torch exports none the
+// op reports itself unavailable and the torch route runs. The backward stays on the torch route
+// (spp_kernels.ext_ops).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS, 32-bit integers (LP64): what torch's own CPU GEMMs call. Weak: absent in a torch
+// built without a BLAS, which the op then reports (attention_cpu_available).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// one copy of each loop per x86-64 level, chosen when the library loads (AVX-512, AVX2 or SSE2)
+#define SPP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPP_CLONES
+#endif
+
+namespace spp_ext {
+namespace {
+
+// 16 floats as one value: GCC / Clang lower its arithmetic to one AVX-512 register, two AVX2 or
+// four SSE ones, whichever the clone below was compiled for
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline vf16 load(const float* p) {
+  vf16 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+inline void store(float* p, vf16 x) { std::memcpy(p, &x, sizeof x); }
+inline vf16 splat(float a) { return vf16{} + a; }
+
+// exp(x) by range reduction x = n·ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial to r^7
+// (truncation below 1e-8 relative) and 2^n through the exponent bits; x below -87.3 (masked keys:
+// -inf) gives 0, NaN stays NaN
+inline vf16 vexp(vf16 x) {
+  const vf16 lo = splat(-87.3f);
+  const vf16 t = x * 1.44269504088896341f;
+  const vf16 n = (t + 12582912.0f) - 12582912.0f;  // + 1.5·2^23 and back: rounded to an integer
+  vf16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf16 p = splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vf16 nn = x < lo ? splat(0.0f) : n;  // keeps the exponent in range (and NaN out of the integer)
+  const vi16 e = (__builtin_convertvector(nn, vi16) + 127) << 23;
+  const vf16 y = p * reinterpret_cast<const vf16&>(e);
+  return x < lo ? splat(0.0f) : y;
+}
+
+// s[j] <- -inf where the key padding's bias[j] (0 / -inf, when given) is -inf — whatever s[j] was,
+// so that inf / NaN in a padded key never reaches the row — and the largest of s[0:n] (NaN
+// ignored: it reaches the output through exp anyway); -inf when n == 0
+SPP_CLONES float bias_max(float* s, const float* bias, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vf16 acc = splat(ninf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    vf16 x = load(s + j);
+    if (bias != nullptr) {
+      const vf16 bj = load(bias + j);
+      x = bj < 0.0f ? bj : x;
+      store(s + j, x);
+    }
+    acc = x > acc ? x : acc;
+  }
+  float mx = ninf;
+  for (; j < n; ++j) {
+    if (bias != nullptr && bias[j] < 0.0f) s[j] = bias[j];
+    mx = s[j] > mx ? s[j] : mx;
+  }
+  for (int l = 0; l < kLanes; ++l) mx = acc[l] > mx ? acc[l] : mx;
+  return mx;
+}
+
+// s[j] <- exp(s[j] - mx) for j < n; returns their sum
+SPP_CLONES float exp_sum(float* s, int64_t n, float mx) {
+  vf16 acc = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf16 y = vexp(load(s + j) - mx);
+    store(s + j, y);
+    acc += y;
+  }
+  float sum = 0.0f;
+  if (j < n) {  // the tail through a padded copy
+    float tail[kLanes];
+    std::fill(tail, tail + kLanes, -std::numeric_limits<float>::infinity());
+    std::copy(s + j, s + n, tail);
+    const vf16 y = vexp(load(tail) - mx);
+    store(tail, y);
+    std::copy(tail, tail + (n - j), s + j);
+    acc += y;
+  }
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  return sum;
+}
+
+SPP_CLONES void scale_row(float* o, int64_t n, float f) {
+  for (int64_t c = 0; c < n; ++c) o[c] *= f;
+}
+
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  const float beta = 0.0f;
+  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+// A (rows, width) view of a 4-D tensor whose last dim is dense and whose rows do not overlap:
+// what sgemm reads through a leading dimension. Others are copied once.
+at::Tensor gemm_ready(const at::Tensor& t) {
+  const int64_t w = t.size(3);
+  if (t.stride(3) == 1 && t.stride(2) >= std::max<int64_t>(w, 1)) return t;
+  return t.contiguous();
+}
+
+}  // namespace
+
+bool attention_cpu_available() { return sgemm_ != nullptr; }
+
+// q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) fp32 CPU; keep: (B, M) bool key padding (true =
+// attend) or none; causal: query i sees keys j <= i + M - N. Returns (B, N, H, Dv), contiguous (the
+// caller's (B, H, N, Dv) is its permuted view). Query rows without keys (all padding, or causal with
+// N > M) give 0.
+at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+                         const std::optional<at::Tensor>& keep_in, bool causal) {
+  TORCH_CHECK(attention_cpu_available(), "spp_ext.attention: torch exports no sgemm_ here");
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "spp_ext.attention: q, k, v must be 4-D");
+  for (const auto* t : {&q_in, &k_in, &v_in}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "spp_ext.attention: fp32 CPU tensors only");
+  }
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
+  const int64_t M = k_in.size(2), Dv = v_in.size(3);
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(1) == H && k_in.size(3) == D, "spp_ext.attention: k must be (B, H, M, D)");
+  TORCH_CHECK(v_in.size(0) == B && v_in.size(1) == H && v_in.size(2) == M, "spp_ext.attention: v must be (B, H, M, Dv)");
+  TORCH_CHECK(std::max({N, M, D, Dv, H * Dv}) < (int64_t{1} << 31), "spp_ext.attention: sizes beyond 32-bit BLAS");
+  at::Tensor keep;
+  if (keep_in.has_value()) {
+    keep = keep_in->to(at::kBool).contiguous();
+    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == M, "spp_ext.attention: keep must be (B, M)");
+  }
+  at::Tensor out = at::empty({B, N, H, Dv}, q_in.options());
+  if (B == 0 || H == 0 || N == 0 || Dv == 0) return out;
+  const at::Tensor q = gemm_ready(q_in), k = gemm_ready(k_in), v = gemm_ready(v_in);
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const bool* KEEP = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+  float* O = out.data_ptr<float>();
+  // per batch row: the key padding as a 0 / -inf score bias, and the first kept key (a query row
+  // has keys when its causal limit passes it)
+  std::vector<int64_t> first(B, 0);
+  std::vector<float> kbias;
+  if (KEEP != nullptr) {
+    kbias.resize(static_cast<size_t>(B * M));
+    for (int64_t b = 0; b < B; ++b) {
+      const bool* kb = KEEP + b * M;
+      first[b] = std::find(kb, kb + M, true) - kb;
+      for (int64_t j = 0; j < M; ++j) kbias[b * M + j] = kb[j] ? 0.0f : -std::numeric_limits<float>::infinity();
+    }
+  }
+  // query rows per task: their scores within 256 KiB, at most 64 rows
+  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(M, 1), 1, 64);
+  const int64_t blocks = (N + rows - 1) / rows;
+  const float fscale = static_cast<float>(scale);
+  const int64_t ldo = H * Dv;
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> S(static_cast<size_t>(rows * std::max<int64_t>(M, 1)));
+    std::vector<float> T(Dv % 16 != 0 ? static_cast<size_t>(rows * Dv) : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (H * blocks), h = (t / blocks) % H, i0 = (t % blocks) * rows;
+      const int64_t r = std::min(rows, N - i0);
+      const float* qp = Q + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
+      const float* kp = K + b * k.stride(0) + h * k.stride(1);
+      const float* vp = V + b * v.stride(0) + h * v.stride(1);
+      float* op = O + (b * N + i0) * ldo + h * Dv;
+      // keys any row of the block may see
+      const int64_t kend = causal ? std::clamp<int64_t>(i0 + r + M - N, 0, M) : M;
+      if (kend > 0) {
+        if (D > 0) {  // S (r, kend) = scale · Q Kᵀ, column-major Sᵀ = K Qᵀ
+          gemm('T', 'N', kend, r, D, fscale, kp, k.stride(2), qp, q.stride(2), S.data(), kend);
+        } else {
+          std::fill(S.begin(), S.begin() + r * kend, 0.0f);
+        }
+      }
+      std::vector<float> inv(r);
+      for (int64_t i = 0; i < r; ++i) {
+        float* s = S.data() + i * kend;
+        const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + M - N + 1, 0, kend) : kend;
+        if (lim <= first[b]) {  // no key for this query: P = 0, output 0
+          std::fill(s, s + kend, 0.0f);
+          inv[i] = 0.0f;
+          continue;
+        }
+        const float mx = bias_max(s, KEEP != nullptr ? kbias.data() + b * M : nullptr, lim);
+        inv[i] = 1.0f / exp_sum(s, lim, mx);
+        std::fill(s + lim, s + kend, 0.0f);
+      }
+      if (kend > 0 && Dv % 16 != 0) {
+        // O = P V computed transposed (column-major O, m = r rows) when Dv is not a multiple of 16:
+        // the BLAS ran P V at Dv = 27 (MiniLM pruned) ~1.4x slower with Dv as its m
+        gemm('T', 'T', r, Dv, kend, 1.0f, S.data(), kend, vp, v.stride(2), T.data(), r);
+        for (int64_t i = 0; i < r; ++i) {
+          float* o = op + i * ldo;
+          const float f = inv[i];  // 0: a row without keys, exactly 0 also where V holds inf / NaN
+          for (int64_t c = 0; c < Dv; ++c) o[c] = f == 0.0f ? 0.0f : T[c * r + i] * f;
+        }
+      } else if (kend > 0) {  // O (r, Dv) = P V, column-major Oᵀ = Vᵀ Pᵀ, rows H·Dv apart in the output
+        gemm('N', 'N', Dv, r, kend, 1.0f, vp, v.stride(2), S.data(), kend, op, ldo);
+        for (int64_t i = 0; i < r; ++i) {
+          if (inv[i] == 0.0f) {  // a row without keys: exactly 0, also where V holds inf / NaN
+            std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
+          } else {
+            scale_row(op + i * ldo, Dv, inv[i]);
+          }
+        }
+      } else {
+        for (int64_t i = 0; i < r; ++i) std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace spp_ext

@@ -1,0 +1,201 @@
+"""The fused CPU attention forward of the extension (``spp_ext::attention``, csrc/attention.cpp)
+against the float64 oracle: odd and unequal widths, both of its P·V orientations (v widths that
+are and are not multiples of 16), key padding, causal alignment with N != M, rows without keys,
+inputs laid out as the projections give them, long key ranges (smaller query blocks, exp tails),
+its softmax alone at extreme score spreads, inf / NaN in padded keys through the public op,
+gradients (fused forward + the chunked route's backward), thread-count independence, opcheck
+and which route the dispatcher takes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spp_kernels
+from spp_kernels import _ext, dispatch, reference
+from oracles import oracle_attention
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not (_ext.available and getattr(_ext._C, "attention_cpu", 0)),
+                                reason="spp_kernels._C with the fused attention is not built")
+
+
+def ext():
+    from spp_kernels import ext_ops
+    return ext_ops
+
+
+def projected(B, H, N, M, D, Dv, seed=0):
+    """q, k, v as a pruned layer hands them over: (B, H, tokens, width) views of (B, tokens, H·width)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=g).transpose(1, 2)
+    k = torch.randn(B, M, H, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, M, H, Dv, generator=g).transpose(1, 2)
+    return q, k, v
+
+
+def keep_mask(B, M, seed=1, empty_row=None):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, M, generator=g) > 0.35
+    keep[:, 0] |= ~keep.any(-1)  # every row keeps some key ...
+    if empty_row is not None:
+        keep[empty_row] = False  # ... except this one
+    return keep
+
+
+def fused(q, k, v, scale, keep, causal):
+    out = torch.ops.spp_ext.attention(q, k, v, scale, keep, causal)
+    assert out.is_contiguous() and out.shape == (q.shape[0], q.shape[2], q.shape[1], v.shape[3])
+    return out.permute(0, 2, 1, 3)
+
+
+CASES = [  # (B, H, N, M, D, Dv, causal, padding)
+    (1, 1, 1, 1, 1, 1, False, False),
+    (2, 3, 17, 17, 5, 7, False, True),
+    (3, 2, 9, 21, 4, 3, True, True),  # causal with more keys than queries
+    (2, 2, 13, 5, 8, 16, True, False),  # more queries than keys: the first 8 rows see no key
+    (1, 2, 33, 33, 24, 27, True, True),  # MiniLM's pruned widths
+    (2, 1, 7, 40, 32, 32, False, True),  # P·V not transposed (Dv a multiple of 16)
+    (1, 2, 70, 300, 9, 11, False, True),  # M > 256: query blocks of 64 rows, a ragged last block
+    (1, 1, 5, 3000, 3, 5, True, True),  # query blocks of 21 rows
+    (2, 2, 6, 9, 0, 4, False, True),  # no qk channels: uniform weights over the kept keys
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}N{}M{}D{}Dv{}{}{}".format(
+    *c[:6], "c" if c[6] else "", "p" if c[7] else ""))
+def test_forward_matches_the_oracle(case):
+    B, H, N, M, D, Dv, causal, padding = case
+    q, k, v = projected(B, H, N, M, D, Dv)
+    keep = keep_mask(B, M, empty_row=B - 1 if B > 1 else None) if padding else None
+    out = fused(q, k, v, 0.37, keep, causal)
+    assert_close(out, oracle_attention(q, k, v, 0.37, keep, causal), torch.float32, max(D, 1), M,
+                 msg=str(case))
+    if padding and B > 1:
+        assert torch.all(out[B - 1] == 0)  # a row without keys gives exactly 0
+    if causal and N > M:
+        assert torch.all(out[:, :, : N - M] == 0)
+
+
+def test_contiguous_and_projection_layouts_agree_bit_for_bit():
+    q, k, v = projected(2, 3, 19, 23, 6, 10)
+    keep = keep_mask(2, 23)
+    a = fused(q, k, v, 0.5, keep, False)
+    b = fused(q.contiguous(), k.contiguous(), v.contiguous(), 0.5, keep, False)
+    assert torch.equal(a, b)
+    # rows a BLAS cannot stride over (stride 0 along the tokens) are copied first
+    k0 = k[:, :, :1].expand(-1, -1, 23, -1)
+    assert_close(fused(q, k0, v, 0.5, keep, False), oracle_attention(q, k0, v, 0.5, keep, False),
+                 torch.float32, 6, 23)
+
+
+def test_softmax_alone_at_extreme_spreads():
+    # v = identity: the output is the attention weights themselves, so the kernel's own exp is
+    # checked over score gaps up to ~2000 (weights from 1 down to underflow) against torch's fp32
+    # softmax of the same fp32 scores (width 1: one rounded product each, as in the kernel)
+    N, M = 7, 45
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, N, 1, generator=g) * torch.tensor([0.01, 0.3, 1, 3, 10, 30, 100])[None, None, :, None]
+    k = torch.linspace(-20, 20, M)[None, None, :, None]
+    v = torch.eye(M)[None, None]
+    w = fused(q, k, v, 1.0, None, False)
+    want = torch.softmax(q @ k.transpose(-1, -2), -1)
+    assert want.min() == 0 and want.max() == 1 and (want[want > 0].min() < 1e-30)  # the whole range
+    torch.testing.assert_close(w, want, rtol=2e-6, atol=1e-37)
+    assert torch.allclose(w.sum(-1), torch.ones(1, 1, N), atol=1e-6)
+
+
+def test_nonfinite_values():
+    q, k, v = projected(2, 2, 8, 12, 5, 7)
+    keep = keep_mask(2, 12)
+    pad = (~keep).nonzero()[0].tolist()
+    kept = keep.nonzero()[0].tolist()
+    # inf / NaN in padded keys and values never reach the output of the public op (the guard
+    # reruns the call with them zeroed when the output sum is not finite)
+    kb, vb = k.clone(), v.clone()
+    kb[pad[0], :, pad[1]] = float("nan")
+    vb[pad[0], :, pad[1]] = float("inf")
+    want = reference.attention(q, k, v, 0.4, keep)
+    got = spp_kernels.attention(q, kb, vb, 0.4, keep)
+    assert torch.isfinite(got).all()
+    assert_close(got, oracle_attention(q, k, v, 0.4, keep), torch.float32, 5, 12)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # NaN in a kept key reaches its batch row, as in the reference
+    kn = k.clone()
+    kn[kept[0], 0, kept[1], 0] = float("nan")
+    out = fused(q, kn, v, 0.4, keep, False)
+    assert torch.isnan(out[kept[0], 0]).all() and torch.isfinite(out[1 - kept[0]]).all()
+
+
+def test_thread_count_does_not_change_the_result():
+    q, k, v = projected(3, 4, 37, 41, 9, 13)
+    keep = keep_mask(3, 41)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(q, k, v, 0.3, keep, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, fused(q, k, v, 0.3, keep, True))
+
+
+def test_opcheck():
+    q, k, v = projected(2, 2, 6, 9, 5, 7)
+    keep = keep_mask(2, 9)
+    torch.library.opcheck(torch.ops.spp_ext.attention, (q, k, v, 0.25, keep, False))
+    torch.library.opcheck(torch.ops.spp_ext.attention, (q.contiguous(), k, v, 0.25, None, True))
+
+
+def test_argument_checks():
+    q, k, v = projected(1, 2, 4, 4, 3, 5)
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.spp_ext.attention(q.double(), k.double(), v.double(), 0.5, None, False)
+    with pytest.raises(RuntimeError, match="keep must be"):
+        torch.ops.spp_ext.attention(q, k, v, 0.5, torch.ones(2, 4, dtype=torch.bool), False)
+    with pytest.raises(RuntimeError, match="v must be"):
+        torch.ops.spp_ext.attention(q, k, v[:, :, :3], 0.5, None, False)
+
+
+def test_the_dispatcher_runs_it_for_fp32_cpu_calls(monkeypatch):
+    monkeypatch.delenv("SPP_BACKEND", raising=False)
+    assert dispatch.choose("attention", "cpu")[0] == "ext"
+    calls = []
+    real = ext()._fused_attention
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(ext(), "_fused_attention", counting)
+    q, k, v = projected(2, 3, 10, 10, 8, 8)  # equal widths too (SDPA's flash kernel before)
+    spp_kernels.attention(q, k, v, 0.3, keep_mask(2, 10))
+    q2, k2, v2 = projected(2, 3, 10, 10, 8, 5)
+    spp_kernels.attention(q2, k2, v2, 0.3, None, True)
+    assert len(calls) == 2
+    # not with a bias (its own chunked path), in other dtypes or inside sdpa_only
+    spp_kernels.attention(q, k, v, 0.3, bias=torch.zeros(1, 1, 10, 10))
+    spp_kernels.attention(q.half(), k.half(), v.half(), 0.3)
+    with reference.sdpa_only():
+        spp_kernels.attention(q, k, v, 0.3)
+    assert len(calls) == 2
+    # SPP_BACKEND=torch: the torch backend's own routes
+    monkeypatch.setenv("SPP_BACKEND", "torch")
+    torch.testing.assert_close(spp_kernels.attention(q2, k2, v2, 0.3, None, True),
+                               reference.attention(q2, k2, v2, 0.3, None, True), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_through_the_public_op(causal):
+    q, k, v = projected(2, 3, 11, 14, 6, 9, seed=4)
+    keep = keep_mask(2, 14, empty_row=1)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = spp_kernels.attention(*leaves, 0.3, keep, causal)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, do)
+    l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(oracle_attention(*l64, 0.3, keep, causal), l64, do.double())
+    for name, a, b, n in zip("qkv", got, want, (14, 14, 11)):
+        assert_close(a, b, torch.float32, 9, n, msg=f"d{name}")
+    # the recorded forward is the inference one, bit for bit
+    with torch.no_grad():
+        assert torch.equal(spp_kernels.attention(q, k, v, 0.3, keep, causal), out.detach())

@@ -194,6 +194,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(static_cast<size_t>(rows * std::max<int64_t>(M, 1)));
     std::vector<float> T(Dv % 16 != 0 ? static_cast<size_t>(rows * Dv) : 0);
+    std::vector<float> inv(static_cast<size_t>(rows));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (H * blocks), h = (t / blocks) % H, i0 = (t % blocks) * rows;
       const int64_t r = std::min(rows, N - i0);
@@ -210,7 +211,6 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
           std::fill(S.begin(), S.begin() + r * kend, 0.0f);
         }
       }
-      std::vector<float> inv(r);
       for (int64_t i = 0; i < r; ++i) {
         float* s = S.data() + i * kend;
         const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + M - N + 1, 0, kend) : kend;

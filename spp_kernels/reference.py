@@ -786,7 +786,7 @@ def sdpa_mask_plus(attn_mask: Optional[torch.Tensor], bias: torch.Tensor) -> tor
 
 
 def _torch_attention(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None, fused=None) -> torch.Tensor:
-    if use_cpu_chunked(q, k, v, attn_mask, bias, fused is not None and bias is None):
+    if use_cpu_chunked(q, k, v, attn_mask, bias, fused is not None):
         return cpu_chunked_attention(q, k, v, scale, attn_mask, is_causal, bias, fused)
     N, M = q.shape[2], k.shape[2]
     # rows with no key (on CPUs read back, so None when there are none; elsewhere whenever the mask

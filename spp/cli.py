@@ -10,14 +10,18 @@ import sys
 from typing import Optional
 
 
+def _check_model_spec(spec: str) -> str:
+    if spec != "minilm" and not os.path.isdir(spec):
+        raise FileNotFoundError(f"--model: {spec!r} is neither 'minilm' nor a model folder")
+    return spec
+
+
 def _load_text_model(spec: str):
     """``minilm`` (the embedded model) or a folder with a Hugging Face BERT checkpoint."""
     from . import embedded
 
-    if spec == "minilm":
+    if _check_model_spec(spec) == "minilm":
         return embedded.load_minilm()
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"--model: {spec!r} is neither 'minilm' nor a model folder")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -60,13 +64,15 @@ def _search(a, group) -> int:
     from .io import prepare_output_dir
     from .search import search
 
+    # bad inputs fail before anything is created, and before the model is loaded rather than after the search
+    _check_model_spec(a.model)
+    sents = _sentences(a.text)[: a.sentences]
     ckpt_dir = a.checkpoint_dir or os.path.join(a.out, "checkpoint")
-    if group.is_main:  # fail before the model is loaded, not after the search
+    if group.is_main:
         prepare_output_dir(a.out, "--out")
         ckpt_dir = prepare_output_dir(ckpt_dir, "--checkpoint-dir")
     group.barrier()
     model, tok = _load_text_model(a.model)
-    sents = _sentences(a.text)[: a.sentences]
     data = embedded.batches(tok, sents, a.batch_size, a.max_length)
     if not data:
         raise ValueError(f"--batch-size {a.batch_size} exceeds the {len(sents)} sentences available")

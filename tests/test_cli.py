@@ -5,8 +5,9 @@ import sys
 import pytest
 
 
-def spp(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "spp", *args], capture_output=True, text=True, timeout=timeout)
+def spp(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "spp", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
 
 
 def test_info_lists_backends_and_families():
@@ -28,9 +29,10 @@ def test_info_lists_backends_and_families():
     (["demo", "--bogus"], "unrecognized arguments"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_input_one_line_no_traceback(args, needle):
-    r = spp(*args)
+def test_bad_input_one_line_no_traceback(args, needle, tmp_path):
+    r = spp(*args, cwd=tmp_path)
     assert r.returncode == 2
+    assert list(tmp_path.iterdir()) == []  # a rejected command leaves no output folder behind
     assert "Traceback" not in r.stderr
     assert needle in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(("spp", "usage")) or "error" in r.stderr

@@ -9,6 +9,14 @@ the kernel. By default each forward at batch 64 re-faults its activations page b
 200k page faults per dense MiniLM forward on the development machine, against 28k for the model
 pruned to 0.3 of the FLOPs), a cost that falls mostly on the dense model and so flatters the
 speed-up. The benchmarks call it first and record the setting in the ``malloc`` column.
+
+Each row also times the *skeleton*: the model pruned to one unit per pair, i.e. everything that
+does not shrink with the pairs (embeddings, layer norms, residual adds, the per-head softmax, the
+projections' bias and output writes, Python and dispatch). With dense time D, skeleton time S and
+skeleton FLOPs ratio r_s, a model whose pairs cost exactly their FLOPs share takes
+S + (r - r_s) / (1 - r_s) · (D - S) at FLOPs ratio r, so no pair kernel can beat the efficiency
+``ceiling`` = r·D / that. It tells how much of a shortfall lies in the pairs (ours to fix) and
+how much in the fixed part, which the dense model pays alike.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import torch
 
 FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
           "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
-          "latency_predicted", "malloc", "widths")
+          "skeleton_per_s", "skeleton_flops_ratio", "ceiling", "latency_predicted", "malloc", "widths")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -119,21 +127,43 @@ def side_by_side(models: dict, inputs, repeats: int = 7) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def efficiency_ceiling(flops_ratio: float, dense_s: float, skeleton_s: float, skeleton_flops_ratio: float) -> float:
+    """The efficiency (speed-up × FLOPs ratio) of a pruned model whose pairs take exactly their
+    FLOPs share of the dense model's pair time, over a fixed part that takes ``skeleton_s``: the
+    most any pair implementation can reach (see the module docstring). 1 when the skeleton is free."""
+    r, rs, d, s = flops_ratio, skeleton_flops_ratio, dense_s, skeleton_s
+    if not (0 <= rs < r <= 1) or not 0 < s < d:
+        raise ValueError(f"need 0 <= skeleton ratio < FLOPs ratio <= 1 and 0 < skeleton time < dense time, "
+                         f"got r={r}, r_s={rs}, D={d}, S={s}")
+    return r * d / (s + (r - rs) / (1 - rs) * (d - s))
+
+
+def skeleton(model, path):
+    """``model`` pruned to one unit per pair: the part of every pruned model that does not shrink."""
+    from .prune import prune
+
+    return prune(model, path.masks(keep=1e-12, round_to=1, min_keep=1)).eval()
+
+
 def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, seq: int,
                     flops: Sequence[float] = (0.7, 0.5, 0.3), round_to: Sequence[int] = (1, 8),
                     batches: Sequence[int] = (1, 64), repeats: int = 7, latency_table=None,
-                    latency: Sequence[float] = (), log: Optional[Callable[[str], None]] = print) -> list[dict]:
+                    latency: Sequence[float] = (), log: Optional[Callable[[str], None]] = print,
+                    with_skeleton: bool = True) -> list[dict]:
     """Rows of dense vs physically pruned throughput for each target × round_to × batch.
 
     model: the dense model (not attached); path: its SolutionPath; inputs(batch) -> model inputs
     at sequence ``seq``. ``latency`` targets (with ``latency_table``) add rows whose masks come
-    from ``path.masks(latency=…)``; their ``latency_predicted`` is the table's prediction."""
+    from ``path.masks(latency=…)``; their ``latency_predicted`` is the table's prediction.
+    ``with_skeleton``: time :func:`skeleton` in the same rounds and fill ``ceiling`` (else NaN)."""
     from .prune import prune
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     dense_flops = count_flops(model, inputs(1))
     dense_params = sum(p.numel() for p in model.parameters())
+    skel = skeleton(model, path) if with_skeleton else None
+    skel_ratio = count_flops(skel, inputs(1)) / dense_flops if skel is not None else float("nan")
     targets = [("flops", f) for f in flops] + [("latency", f) for f in latency]
     rows = []
     for kind, target in targets:
@@ -144,8 +174,14 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
             ratio = count_flops(small, inputs(1)) / dense_flops
             params_ratio = sum(p.numel() for p in small.parameters()) / dense_params
             for b in batches:
-                sec = side_by_side({"dense": model, "pruned": small}, inputs(b), repeats)
+                models = {"dense": model, "pruned": small}
+                if skel is not None:
+                    models["skeleton"] = skel
+                sec = side_by_side(models, inputs(b), repeats)
                 speed = sec["dense"] / sec["pruned"]
+                ceiling = float("nan")
+                if skel is not None and skel_ratio < ratio and sec["skeleton"] < sec["dense"]:
+                    ceiling = efficiency_ceiling(ratio, sec["dense"], sec["skeleton"], skel_ratio)
                 rows.append({
                     "model": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
                     "threads": torch.get_num_threads(), "batch": b, "seq": seq, "target": f"{kind}={target:g}",
@@ -153,12 +189,15 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     "dense_per_s": round(b / sec["dense"], 3), "pruned_per_s": round(b / sec["pruned"], 3),
                     "speedup": round(speed, 3), "ideal_speedup": round(1 / ratio, 3),
                     "efficiency": round(speed * ratio, 3),
+                    "skeleton_per_s": round(b / sec["skeleton"], 3) if skel is not None else float("nan"),
+                    "skeleton_flops_ratio": round(skel_ratio, 4), "ceiling": round(ceiling, 3),
                     "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
                     "malloc": malloc_setting(),
                     "widths": " ".join(str(w) for w in masks.widths().values())})
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
-                        f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f})")
+                        f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f}, "
+                        f"ceiling {ceiling:.2f})")
             del small
     return rows
 

@@ -190,16 +190,17 @@ def pruned_tables(path: str) -> list[str]:
     dev += f"; malloc: {', '.join(mallocs)}"
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
-             f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _ceiling(r)] for r in rows]
-    return [f"**dense vs pruned throughput** ({dev}; side by side; `results/{os.path.basename(path)}`; ceiling: the "
-            "best speedup / ideal any pair kernels could reach over the measured time of the model pruned to one "
-            "unit per pair, which does not shrink — see `spp/bench.py`):\n\n"
+             f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _proportional(r)] for r in rows]
+    return [f"**dense vs pruned throughput** ({dev}; side by side; `results/{os.path.basename(path)}`; proportional: the "
+            "speedup / ideal of a model whose pairs took exactly their FLOPs share of the dense time, over the "
+            "measured time of the model pruned to one unit per pair — the part that does not shrink; see "
+            "`spp/bench.py`):\n\n"
             + table(["model", "dtype", "seq", "batch", "target", "round_to", "FLOPs ratio", "dense /s", "pruned /s", "speedup",
-                     "ideal", "speedup / ideal", "ceiling"], body)]
+                     "ideal", "speedup / ideal", "proportional"], body)]
 
 
-def _ceiling(r: dict) -> str:
-    c = num(r.get("ceiling") or "nan")
+def _proportional(r: dict) -> str:
+    c = num(r.get("proportional") or "nan")
     return "-" if c != c else f"{c:.2f}"
 
 

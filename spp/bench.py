@@ -13,10 +13,12 @@ speed-up. The benchmarks call it first and record the setting in the ``malloc`` 
 Each row also times the *skeleton*: the model pruned to one unit per pair, i.e. everything that
 does not shrink with the pairs (embeddings, layer norms, residual adds, the per-head softmax, the
 projections' bias and output writes, Python and dispatch). With dense time D, skeleton time S and
-skeleton FLOPs ratio r_s, a model whose pairs cost exactly their FLOPs share takes
-S + (r - r_s) / (1 - r_s) · (D - S) at FLOPs ratio r, so no pair kernel can beat the efficiency
-``ceiling`` = r·D / that. It tells how much of a shortfall lies in the pairs (ours to fix) and
-how much in the fixed part, which the dense model pays alike.
+skeleton FLOPs ratio r_s, a model whose pairs took exactly their FLOPs share of the dense model's
+pair time would take S + (r - r_s) / (1 - r_s) · (D - S) at FLOPs ratio r: column
+``proportional`` is that model's efficiency, r·D / that time. It separates a shortfall in the
+pairs (below it: the narrow GEMMs or attention run less efficiently than the dense ones) from
+the one the fixed part causes, which the dense model pays alike. It is not a hard bound: narrow
+GEMMs that fit the caches better than the dense ones can beat it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
           "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
-          "skeleton_per_s", "skeleton_flops_ratio", "ceiling", "latency_predicted", "malloc", "widths")
+          "skeleton_per_s", "skeleton_flops_ratio", "proportional", "latency_predicted", "malloc", "widths")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -127,10 +129,11 @@ def side_by_side(models: dict, inputs, repeats: int = 7) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def efficiency_ceiling(flops_ratio: float, dense_s: float, skeleton_s: float, skeleton_flops_ratio: float) -> float:
+def proportional_efficiency(flops_ratio: float, dense_s: float, skeleton_s: float,
+                            skeleton_flops_ratio: float) -> float:
     """The efficiency (speed-up × FLOPs ratio) of a pruned model whose pairs take exactly their
-    FLOPs share of the dense model's pair time, over a fixed part that takes ``skeleton_s``: the
-    most any pair implementation can reach (see the module docstring). 1 when the skeleton is free."""
+    FLOPs share of the dense model's pair time, over a fixed part that takes ``skeleton_s`` (see
+    the module docstring). 1 when the fixed part is free."""
     r, rs, d, s = flops_ratio, skeleton_flops_ratio, dense_s, skeleton_s
     if not (0 <= rs < r <= 1) or not 0 < s < d:
         raise ValueError(f"need 0 <= skeleton ratio < FLOPs ratio <= 1 and 0 < skeleton time < dense time, "
@@ -155,7 +158,7 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
     model: the dense model (not attached); path: its SolutionPath; inputs(batch) -> model inputs
     at sequence ``seq``. ``latency`` targets (with ``latency_table``) add rows whose masks come
     from ``path.masks(latency=…)``; their ``latency_predicted`` is the table's prediction.
-    ``with_skeleton``: time :func:`skeleton` in the same rounds and fill ``ceiling`` (else NaN)."""
+    ``with_skeleton``: time :func:`skeleton` in the same rounds and fill ``proportional`` (else NaN)."""
     from .prune import prune
 
     device = next(model.parameters()).device
@@ -179,9 +182,9 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     models["skeleton"] = skel
                 sec = side_by_side(models, inputs(b), repeats)
                 speed = sec["dense"] / sec["pruned"]
-                ceiling = float("nan")
+                prop = float("nan")
                 if skel is not None and skel_ratio < ratio and sec["skeleton"] < sec["dense"]:
-                    ceiling = efficiency_ceiling(ratio, sec["dense"], sec["skeleton"], skel_ratio)
+                    prop = proportional_efficiency(ratio, sec["dense"], sec["skeleton"], skel_ratio)
                 rows.append({
                     "model": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
                     "threads": torch.get_num_threads(), "batch": b, "seq": seq, "target": f"{kind}={target:g}",
@@ -190,14 +193,14 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     "speedup": round(speed, 3), "ideal_speedup": round(1 / ratio, 3),
                     "efficiency": round(speed * ratio, 3),
                     "skeleton_per_s": round(b / sec["skeleton"], 3) if skel is not None else float("nan"),
-                    "skeleton_flops_ratio": round(skel_ratio, 4), "ceiling": round(ceiling, 3),
+                    "skeleton_flops_ratio": round(skel_ratio, 4), "proportional": round(prop, 3),
                     "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
                     "malloc": malloc_setting(),
                     "widths": " ".join(str(w) for w in masks.widths().values())})
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
                         f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f}, "
-                        f"ceiling {ceiling:.2f})")
+                        f"proportional {prop:.2f})")
             del small
     return rows
 

@@ -166,25 +166,25 @@ def test_cli_profile_then_prune_by_latency_then_bench(bert_dir, tmp_path):
     assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) * float(r["flops_ratio"]), abs=2e-3)
     # the skeleton (one unit per pair) was timed in the same rounds
     assert 0 < float(r["skeleton_flops_ratio"]) < float(r["flops_ratio"]) and float(r["skeleton_per_s"]) > 0
-    if r["ceiling"] != "nan":  # (a tiny model's skeleton may time no faster than the dense one: no ceiling then)
+    if r["proportional"] != "nan":  # (a tiny model's skeleton may time no faster than the dense one: none then)
         dense_s, skel_s = 1 / float(r["dense_per_s"]), 1 / float(r["skeleton_per_s"])
-        assert float(r["ceiling"]) == pytest.approx(bench.efficiency_ceiling(
+        assert float(r["proportional"]) == pytest.approx(bench.proportional_efficiency(
             float(r["flops_ratio"]), dense_s, skel_s, float(r["skeleton_flops_ratio"])), rel=0.02)
 
 
-def test_efficiency_ceiling():
-    # a free skeleton leaves the ideal; a skeleton of 10 % of the dense time caps 0.3 of the FLOPs at 0.3/0.37
-    assert bench.efficiency_ceiling(0.3, 1.0, 1e-12, 0.0) == pytest.approx(1.0)
-    assert bench.efficiency_ceiling(0.3, 1.0, 0.1, 0.0) == pytest.approx(0.3 / 0.37)
-    assert bench.efficiency_ceiling(1.0, 2.0, 0.5, 0.01) == pytest.approx(1.0)  # the dense model itself
-    # a pruned model that takes exactly the proportional time sits on the ceiling
+def test_proportional_efficiency():
+    # a free skeleton leaves the ideal; a skeleton of 10 % of the dense time puts 0.3 of the FLOPs at 0.3/0.37
+    assert bench.proportional_efficiency(0.3, 1.0, 1e-12, 0.0) == pytest.approx(1.0)
+    assert bench.proportional_efficiency(0.3, 1.0, 0.1, 0.0) == pytest.approx(0.3 / 0.37)
+    assert bench.proportional_efficiency(1.0, 2.0, 0.5, 0.01) == pytest.approx(1.0)  # the dense model itself
+    # a pruned model that takes exactly the proportional time has exactly that efficiency
     r, rs, d, s = 0.5, 0.02, 10.0, 1.5
     t = s + (r - rs) / (1 - rs) * (d - s)
-    assert bench.efficiency_ceiling(r, d, s, rs) == pytest.approx((d / t) * r)
-    assert bench.efficiency_ceiling(0.3, 1.0, 0.2, 0.0) < bench.efficiency_ceiling(0.5, 1.0, 0.2, 0.0)
+    assert bench.proportional_efficiency(r, d, s, rs) == pytest.approx((d / t) * r)
+    assert bench.proportional_efficiency(0.3, 1.0, 0.2, 0.0) < bench.proportional_efficiency(0.5, 1.0, 0.2, 0.0)
     for bad in ((0.3, 1.0, 1.2, 0.0), (0.3, 1.0, 0.1, 0.3), (1.5, 1.0, 0.1, 0.0), (0.3, 1.0, 0.0, 0.0)):
         with pytest.raises(ValueError):
-            bench.efficiency_ceiling(*bad)
+            bench.proportional_efficiency(*bad)
 
 
 def test_skeleton_keeps_one_unit_per_pair(searched):

@@ -19,6 +19,11 @@ pair time would take S + (r - r_s) / (1 - r_s) · (D - S) at FLOPs ratio r: colu
 pairs (below it: the narrow GEMMs or attention run less efficiently than the dense ones) from
 the one the fixed part causes, which the dense model pays alike. It is not a hard bound: narrow
 GEMMs that fit the caches better than the dense ones can beat it.
+
+The rows also time the model "pruned" to all its units (``full_width``): the same layers as the
+pruned model (the fused attention op instead of the dense model's own attention) at the dense
+widths. ``efficiency_vs_full_width`` compares the pruned model with it, so that any gain of our
+layers over the original ones at equal width is not counted as pruning.
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ import torch
 
 FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
           "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
-          "skeleton_per_s", "skeleton_flops_ratio", "proportional", "latency_predicted", "malloc", "widths")
+          "skeleton_per_s", "skeleton_flops_ratio", "proportional", "full_width_per_s", "efficiency_vs_full_width",
+          "latency_predicted", "malloc", "widths")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -152,20 +158,22 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     flops: Sequence[float] = (0.7, 0.5, 0.3), round_to: Sequence[int] = (1, 8),
                     batches: Sequence[int] = (1, 64), repeats: int = 7, latency_table=None,
                     latency: Sequence[float] = (), log: Optional[Callable[[str], None]] = print,
-                    with_skeleton: bool = True) -> list[dict]:
+                    references: bool = True) -> list[dict]:
     """Rows of dense vs physically pruned throughput for each target × round_to × batch.
 
     model: the dense model (not attached); path: its SolutionPath; inputs(batch) -> model inputs
     at sequence ``seq``. ``latency`` targets (with ``latency_table``) add rows whose masks come
     from ``path.masks(latency=…)``; their ``latency_predicted`` is the table's prediction.
-    ``with_skeleton``: time :func:`skeleton` in the same rounds and fill ``proportional`` (else NaN)."""
+    ``references``: also time :func:`skeleton` and the full-width model in the same rounds and fill
+    ``proportional`` and ``efficiency_vs_full_width`` (else NaN)."""
     from .prune import prune
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     dense_flops = count_flops(model, inputs(1))
     dense_params = sum(p.numel() for p in model.parameters())
-    skel = skeleton(model, path) if with_skeleton else None
+    skel = skeleton(model, path) if references else None
+    full = prune(model, path.masks(keep=1.0, round_to=1)).eval() if references else None
     skel_ratio = count_flops(skel, inputs(1)) / dense_flops if skel is not None else float("nan")
     targets = [("flops", f) for f in flops] + [("latency", f) for f in latency]
     rows = []
@@ -178,12 +186,14 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
             params_ratio = sum(p.numel() for p in small.parameters()) / dense_params
             for b in batches:
                 models = {"dense": model, "pruned": small}
-                if skel is not None:
-                    models["skeleton"] = skel
+                if references:
+                    models["skeleton"], models["full_width"] = skel, full
                 sec = side_by_side(models, inputs(b), repeats)
                 speed = sec["dense"] / sec["pruned"]
-                prop = float("nan")
-                if skel is not None and skel_ratio < ratio and sec["skeleton"] < sec["dense"]:
+                prop = vs_full = float("nan")
+                if references:
+                    vs_full = sec["full_width"] / sec["pruned"] * ratio
+                if references and skel_ratio < ratio and sec["skeleton"] < sec["dense"]:
                     prop = proportional_efficiency(ratio, sec["dense"], sec["skeleton"], skel_ratio)
                 rows.append({
                     "model": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
@@ -192,15 +202,17 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     "dense_per_s": round(b / sec["dense"], 3), "pruned_per_s": round(b / sec["pruned"], 3),
                     "speedup": round(speed, 3), "ideal_speedup": round(1 / ratio, 3),
                     "efficiency": round(speed * ratio, 3),
-                    "skeleton_per_s": round(b / sec["skeleton"], 3) if skel is not None else float("nan"),
+                    "skeleton_per_s": round(b / sec["skeleton"], 3) if references else float("nan"),
                     "skeleton_flops_ratio": round(skel_ratio, 4), "proportional": round(prop, 3),
+                    "full_width_per_s": round(b / sec["full_width"], 3) if references else float("nan"),
+                    "efficiency_vs_full_width": round(vs_full, 3),
                     "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
                     "malloc": malloc_setting(),
                     "widths": " ".join(str(w) for w in masks.widths().values())})
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
                         f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f}, "
-                        f"proportional {prop:.2f})")
+                        f"proportional {prop:.2f}; vs the full-width model {vs_full:.2f})")
             del small
     return rows
 

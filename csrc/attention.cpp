@@ -1,15 +1,18 @@
 // attention forward on CPU, fp32: softmax(q kᵀ · scale, key padding, causal) v at any qk / v widths,
-// fused per (batch, head, block of queries). Each task multiplies its query rows by the head's keys
-// (one BLAS sgemm reading q and k where they lie: the heads of a (B, N, H, D) projection output
-// need no copy), takes the softmax of those scores in place while they are in cache (a vectorised
-// exp of our own, cloned per instruction set) and multiplies them by the head's values (a second
-// sgemm) straight into the (B, N, H, Dv) output, so that the caller's reshape to (B, N, H·Dv) is a
-// view. Nothing of size N·M leaves the task; no q / k / v / output copies as on the chunked torch
-// route. The BLAS is the one torch links (its exported Fortran sgemm_); where torch exports none the
-// op reports itself unavailable and the torch route runs. The backward stays on the torch route
-// (spp_kernels.ext_ops).
+// fused per (batch, head, block of queries). Each task multiplies its query rows, read where the
+// projection left them (the heads of a (B, N, H, D) output need no copy), by the head's keys
+// (transposed and scaled into a small per-task buffer), takes the softmax of those scores in place
+// while they are in cache (a vectorised exp of our own, cloned per instruction set) and multiplies
+// them by the head's values, read in place too, straight into the (B, N, H, Dv) output, so that
+// the caller's reshape to (B, N, H·Dv) is a view. Nothing of size N·M leaves the task; no q / k /
+// v / output copies as on the chunked torch route. The products run on torch's batch-reduce GEMM
+// (at::native::cpublas::brgemm: oneDNN's JIT microkernels where the CPU has them — AVX-512 — and
+// torch's BLAS elsewhere); with a torch too old to have its fp32 form, on the BLAS torch links
+// (its exported Fortran sgemm_), and where torch exports neither the op reports itself unavailable
+// and the torch route runs. The backward stays on the torch route (spp_kernels.ext_ops).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <bit>
@@ -18,9 +21,16 @@
 #include <limits>
 #include <vector>
 
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+#define SPP_ATTENTION_BRGEMM 1
+#else
+#define SPP_ATTENTION_BRGEMM 0
+#endif
+
 extern "C" {
-// Fortran BLAS, 32-bit integers (LP64): what torch's own CPU GEMMs call. Weak: absent in a torch
-// built without a BLAS, which the op then reports (attention_cpu_available).
+// Fortran BLAS, 32-bit integers (LP64): what torch's own CPU GEMMs call; used where torch has no
+// fp32 brgemm. Weak: absent in a torch built without a BLAS, which the op then reports
+// (attention_cpu_available).
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc) __attribute__((weak));
@@ -133,12 +143,24 @@ SPP_CLONES void scale_row(float* o, int64_t n, float f) {
   for (int64_t c = 0; c < n; ++c) o[c] *= f;
 }
 
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-  const float beta = 0.0f;
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+// C (m, n) = A (m, k) B (k, n), all row-major with leading dimensions lda, ldb, ldc; C is written,
+// not read. brgemm where torch has it, except for a single output column (P·V at Dv = 1), where
+// brgemm ran ~2.5x slower than the BLAS's matrix-vector path (its narrow tiles cost as much as 16
+// columns); the BLAS elsewhere.
+void mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+        int64_t ldc) {
+#if SPP_ATTENTION_BRGEMM
+  if (n > 1 || sgemm_ == nullptr) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, /*add_C=*/false, a, b, c, /*is_vnni=*/false);
+    return;
+  }
+#endif
+  // column-major BLAS: Cᵀ (n, m) = Bᵀ (n, k) Aᵀ (k, m)
+  const char no = 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_(&no, &no, &mi, &ni, &ki, &one, b, &la, a, &lb, &zero, c, &lc);
 }
 
 // A (rows, width) view of a 4-D tensor whose last dim is dense and whose rows do not overlap:
@@ -151,7 +173,7 @@ at::Tensor gemm_ready(const at::Tensor& t) {
 
 }  // namespace
 
-bool attention_cpu_available() { return sgemm_ != nullptr; }
+bool attention_cpu_available() { return SPP_ATTENTION_BRGEMM || sgemm_ != nullptr; }
 
 // q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) fp32 CPU; keep: (B, M) bool key padding (true =
 // attend) or none; causal: query i sees keys j <= i + M - N. Returns (B, N, H, Dv), contiguous (the
@@ -159,7 +181,7 @@ bool attention_cpu_available() { return sgemm_ != nullptr; }
 // N > M) give 0.
 at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                          const std::optional<at::Tensor>& keep_in, bool causal) {
-  TORCH_CHECK(attention_cpu_available(), "spp_ext.attention: torch exports no sgemm_ here");
+  TORCH_CHECK(attention_cpu_available(), "spp_ext.attention: torch exports neither an fp32 brgemm nor sgemm_ here");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "spp_ext.attention: q, k, v must be 4-D");
   for (const auto* t : {&q_in, &k_in, &v_in}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "spp_ext.attention: fp32 CPU tensors only");
@@ -201,7 +223,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int64_t ldo = H * Dv;
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(static_cast<size_t>(rows * std::max<int64_t>(M, 1)));
-    std::vector<float> T(Dv % 16 != 0 ? static_cast<size_t>(rows * Dv) : 0);
+    std::vector<float> KT(static_cast<size_t>(D * M));
     std::vector<float> inv(static_cast<size_t>(rows));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (H * blocks), h = (t / blocks) % H, i0 = (t % blocks) * rows;
@@ -213,8 +235,12 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
       // keys any row of the block may see
       const int64_t kend = causal ? std::clamp<int64_t>(i0 + r + M - N, 0, M) : M;
       if (kend > 0) {
-        if (D > 0) {  // S (r, kend) = scale · Q Kᵀ, column-major Sᵀ = K Qᵀ
-          gemm('T', 'N', kend, r, D, fscale, kp, k.stride(2), qp, q.stride(2), S.data(), kend);
+        if (D > 0) {  // S (r, kend) = Q (scale · K)ᵀ, the scaled keys transposed into KT (D, kend)
+          for (int64_t j = 0; j < kend; ++j) {
+            const float* kj = kp + j * k.stride(2);
+            for (int64_t d = 0; d < D; ++d) KT[d * kend + j] = kj[d] * fscale;
+          }
+          mm(r, kend, D, qp, q.stride(2), KT.data(), kend, S.data(), kend);
         } else {
           std::fill(S.begin(), S.begin() + r * kend, 0.0f);
         }
@@ -231,17 +257,8 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
         inv[i] = 1.0f / exp_sum(s, lim, mx);
         std::fill(s + lim, s + kend, 0.0f);
       }
-      if (kend > 0 && Dv % 16 != 0) {
-        // O = P V computed transposed (column-major O, m = r rows) when Dv is not a multiple of 16:
-        // the BLAS ran P V at Dv = 27 (MiniLM pruned) ~1.4x slower with Dv as its m
-        gemm('T', 'T', r, Dv, kend, 1.0f, S.data(), kend, vp, v.stride(2), T.data(), r);
-        for (int64_t i = 0; i < r; ++i) {
-          float* o = op + i * ldo;
-          const float f = inv[i];  // 0: a row without keys, exactly 0 also where V holds inf / NaN
-          for (int64_t c = 0; c < Dv; ++c) o[c] = f == 0.0f ? 0.0f : T[c * r + i] * f;
-        }
-      } else if (kend > 0) {  // O (r, Dv) = P V, column-major Oᵀ = Vᵀ Pᵀ, rows H·Dv apart in the output
-        gemm('N', 'N', Dv, r, kend, 1.0f, vp, v.stride(2), S.data(), kend, op, ldo);
+      if (kend > 0) {  // O (r, Dv) = P V, rows H·Dv apart in the output
+        mm(r, Dv, kend, S.data(), kend, vp, v.stride(2), op, ldo);
         for (int64_t i = 0; i < r; ++i) {
           if (inv[i] == 0.0f) {  // a row without keys: exactly 0, also where V holds inf / NaN
             std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);

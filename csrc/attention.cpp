@@ -164,7 +164,7 @@ void mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const floa
 }
 
 // A (rows, width) view of a 4-D tensor whose last dim is dense and whose rows do not overlap:
-// what sgemm reads through a leading dimension. Others are copied once.
+// what a GEMM reads through a leading dimension. Others are copied once.
 at::Tensor gemm_ready(const at::Tensor& t) {
   const int64_t w = t.size(3);
   if (t.stride(3) == 1 && t.stride(2) >= std::max<int64_t>(w, 1)) return t;

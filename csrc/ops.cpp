@@ -65,7 +65,7 @@ PyObject* PyInit__C(void) {
 #else
     PyModule_AddIntConstant(mod, "with_cuda", 0);
 #endif
-    // whether the attention op has the BLAS it calls (torch's exported sgemm_)
+    // whether the attention op has the GEMM it calls (torch's fp32 brgemm or its exported sgemm_)
     PyModule_AddIntConstant(mod, "attention_cpu", spp_ext::attention_cpu_available() ? 1 : 0);
   }
   return mod;

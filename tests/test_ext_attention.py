@@ -1,6 +1,6 @@
 """The fused CPU attention forward of the extension (``spp_ext::attention``, csrc/attention.cpp)
-against the float64 oracle: odd and unequal widths, both of its P·V orientations (v widths that
-are and are not multiples of 16), key padding, causal alignment with N != M, rows without keys,
+against the float64 oracle: odd and unequal widths (both of its GEMM paths: brgemm, and the BLAS
+matrix-vector path for P·V at Dv = 1), key padding, causal alignment with N != M, rows without keys,
 inputs laid out as the projections give them, long key ranges (smaller query blocks, exp tails),
 its softmax alone at extreme score spreads, inf / NaN in padded keys through the public op,
 gradients (fused forward + the chunked route's backward), thread-count independence, opcheck
@@ -49,12 +49,13 @@ def fused(q, k, v, scale, keep, causal):
 
 
 CASES = [  # (B, H, N, M, D, Dv, causal, padding)
-    (1, 1, 1, 1, 1, 1, False, False),
+    (1, 1, 1, 1, 1, 1, False, False),  # Dv = 1: P·V on the BLAS
+    (2, 3, 19, 23, 1, 1, True, True),  # the skeleton's widths (one unit per pair)
     (2, 3, 17, 17, 5, 7, False, True),
     (3, 2, 9, 21, 4, 3, True, True),  # causal with more keys than queries
     (2, 2, 13, 5, 8, 16, True, False),  # more queries than keys: the first 8 rows see no key
     (1, 2, 33, 33, 24, 27, True, True),  # MiniLM's pruned widths
-    (2, 1, 7, 40, 32, 32, False, True),  # P·V not transposed (Dv a multiple of 16)
+    (2, 1, 7, 40, 32, 32, False, True),  # equal widths (the dense model's 32 / 32)
     (1, 2, 70, 300, 9, 11, False, True),  # M > 256: query blocks of 64 rows, a ragged last block
     (1, 1, 5, 3000, 3, 5, True, True),  # query blocks of 21 rows
     (2, 2, 6, 9, 0, 4, False, True),  # no qk channels: uniform weights over the kept keys

@@ -190,13 +190,13 @@ def pruned_tables(path: str) -> list[str]:
     dev += f"; malloc: {', '.join(mallocs)}"
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
-             f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _opt(r, "proportional"), _opt(r, "efficiency_vs_full_width")] for r in rows]
-    return [f"**dense vs pruned throughput** ({dev}; side by side; `results/{os.path.basename(path)}`; proportional: the "
-            "speedup / ideal of a model whose pairs took exactly their FLOPs share of the dense time, over the "
-            "measured time of the model pruned to one unit per pair — the part that does not shrink; see "
-            "`spp/bench.py`; vs full width: speedup / ideal against the model through the same layers at full width):\n\n"
+             f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _opt(r, "efficiency_vs_full_width"), _opt(r, "proportional")] for r in rows]
+    return [f"**dense vs pruned throughput** ({dev}; side by side; `results/{os.path.basename(path)}`; vs full width: "
+            "speedup / ideal against the model through the same layers at full width; proportional: what that "
+            "would be if the pairs took exactly their FLOPs share of the full-width time over the measured time "
+            "of the model pruned to one unit per pair, the part that does not shrink; see `spp/bench.py`):\n\n"
             + table(["model", "dtype", "seq", "batch", "target", "round_to", "FLOPs ratio", "dense /s", "pruned /s", "speedup",
-                     "ideal", "speedup / ideal", "proportional", "vs full width"], body)]
+                     "ideal", "speedup / ideal", "vs full width", "proportional"], body)]
 
 
 def _opt(r: dict, key: str) -> str:

@@ -10,20 +10,19 @@ the kernel. By default each forward at batch 64 re-faults its activations page b
 pruned to 0.3 of the FLOPs), a cost that falls mostly on the dense model and so flatters the
 speed-up. The benchmarks call it first and record the setting in the ``malloc`` column.
 
-Each row also times the *skeleton*: the model pruned to one unit per pair, i.e. everything that
-does not shrink with the pairs (embeddings, layer norms, residual adds, the per-head softmax, the
-projections' bias and output writes, Python and dispatch). With dense time D, skeleton time S and
-skeleton FLOPs ratio r_s, a model whose pairs took exactly their FLOPs share of the dense model's
-pair time would take S + (r - r_s) / (1 - r_s) · (D - S) at FLOPs ratio r: column
-``proportional`` is that model's efficiency, r·D / that time. It separates a shortfall in the
-pairs (below it: the narrow GEMMs or attention run less efficiently than the dense ones) from
-the one the fixed part causes, which the dense model pays alike. It is not a hard bound: narrow
-GEMMs that fit the caches better than the dense ones can beat it.
-
-The rows also time the model "pruned" to all its units (``full_width``): the same layers as the
-pruned model (the fused attention op instead of the dense model's own attention) at the dense
-widths. ``efficiency_vs_full_width`` compares the pruned model with it, so that any gain of our
-layers over the original ones at equal width is not counted as pruning.
+Each row also times two reference models through the same layers as the pruned one (the fused
+attention op instead of the dense model's own attention): ``full_width``, the model "pruned" to
+all its units, and the *skeleton*, pruned to one unit per pair — everything that does not shrink
+with the pairs (embeddings, layer norms, residual adds, the per-head softmax, the projections'
+bias and output writes, Python and dispatch). ``efficiency_vs_full_width`` compares the pruned
+model with the full-width one, so that a gain of our layers over the original ones at equal
+width is not counted as pruning. With full-width time F, skeleton time S and FLOPs ratios r
+(pruned) and r_s (skeleton) to the full width, a model whose pairs took exactly their FLOPs share
+of the full-width pair time would take S + (r - r_s) / (1 - r_s) · (F - S): column
+``proportional`` is its efficiency, r·F / that time, the figure to hold
+``efficiency_vs_full_width`` against. It separates a shortfall in the pairs (below it: narrow
+GEMMs or attention running less efficiently than wide ones) from the one the fixed part causes.
+It is not a hard bound: narrow GEMMs that suit the caches better than wide ones can beat it.
 """
 from __future__ import annotations
 
@@ -139,7 +138,7 @@ def proportional_efficiency(flops_ratio: float, dense_s: float, skeleton_s: floa
                             skeleton_flops_ratio: float) -> float:
     """The efficiency (speed-up × FLOPs ratio) of a pruned model whose pairs take exactly their
     FLOPs share of the dense model's pair time, over a fixed part that takes ``skeleton_s`` (see
-    the module docstring). 1 when the fixed part is free."""
+    the module docstring; ``dense_s`` is then the full-width time). 1 when the fixed part is free."""
     r, rs, d, s = flops_ratio, skeleton_flops_ratio, dense_s, skeleton_s
     if not (0 <= rs < r <= 1) or not 0 < s < d:
         raise ValueError(f"need 0 <= skeleton ratio < FLOPs ratio <= 1 and 0 < skeleton time < dense time, "
@@ -172,9 +171,11 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
     dtype = next(model.parameters()).dtype
     dense_flops = count_flops(model, inputs(1))
     dense_params = sum(p.numel() for p in model.parameters())
-    skel = skeleton(model, path) if references else None
-    full = prune(model, path.masks(keep=1.0, round_to=1)).eval() if references else None
-    skel_ratio = count_flops(skel, inputs(1)) / dense_flops if skel is not None else float("nan")
+    skel = full = None
+    skel_ratio = full_ratio = float("nan")
+    if references:
+        skel, full = skeleton(model, path), prune(model, path.masks(keep=1.0, round_to=1)).eval()
+        skel_ratio, full_ratio = (count_flops(m, inputs(1)) / dense_flops for m in (skel, full))
     targets = [("flops", f) for f in flops] + [("latency", f) for f in latency]
     rows = []
     for kind, target in targets:
@@ -192,9 +193,10 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                 speed = sec["dense"] / sec["pruned"]
                 prop = vs_full = float("nan")
                 if references:
-                    vs_full = sec["full_width"] / sec["pruned"] * ratio
-                if references and skel_ratio < ratio and sec["skeleton"] < sec["dense"]:
-                    prop = proportional_efficiency(ratio, sec["dense"], sec["skeleton"], skel_ratio)
+                    r, rs = ratio / full_ratio, skel_ratio / full_ratio  # FLOPs ratios to the full width
+                    vs_full = sec["full_width"] / sec["pruned"] * r
+                    if rs < r <= 1 and sec["skeleton"] < sec["full_width"]:
+                        prop = proportional_efficiency(r, sec["full_width"], sec["skeleton"], rs)
                 rows.append({
                     "model": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
                     "threads": torch.get_num_threads(), "batch": b, "seq": seq, "target": f"{kind}={target:g}",
@@ -212,7 +214,7 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
                         f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f}, "
-                        f"proportional {prop:.2f}; vs the full-width model {vs_full:.2f})")
+                        f"vs the full-width model {vs_full:.2f}, proportional {prop:.2f})")
             del small
     return rows
 

@@ -89,24 +89,27 @@ inline vf16 vexp(vf16 x) {
   return x < lo ? splat(0.0f) : y;
 }
 
-// s[j] <- -inf where the key padding's bias[j] (0 / -inf, when given) is -inf — whatever s[j] was,
-// so that inf / NaN in a padded key never reaches the row — and the largest of s[0:n] (NaN
-// ignored: it reaches the output through exp anyway); -inf when n == 0
-SPP_CLONES float bias_max(float* s, const float* bias, int64_t n) {
+// s[j] <- s[j] + add[j] (an additive score bias row, when given), then -inf where the key padding's
+// bias[j] (0 / -inf, when given) is -inf — whatever s[j] was, so that inf / NaN in a padded key
+// never reaches the row — and the largest of s[0:n] (NaN ignored: it reaches the output through
+// exp anyway); -inf when n == 0
+SPP_CLONES float bias_max(float* s, const float* add, const float* bias, int64_t n) {
   const float ninf = -std::numeric_limits<float>::infinity();
   vf16 acc = splat(ninf);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     vf16 x = load(s + j);
+    if (add != nullptr) x = x + load(add + j);
     if (bias != nullptr) {
       const vf16 bj = load(bias + j);
       x = bj < 0.0f ? bj : x;
-      store(s + j, x);
     }
+    if (add != nullptr || bias != nullptr) store(s + j, x);
     acc = x > acc ? x : acc;
   }
   float mx = ninf;
   for (; j < n; ++j) {
+    if (add != nullptr) s[j] += add[j];
     if (bias != nullptr && bias[j] < 0.0f) s[j] = bias[j];
     mx = s[j] > mx ? s[j] : mx;
   }
@@ -176,11 +179,14 @@ at::Tensor gemm_ready(const at::Tensor& t) {
 bool attention_cpu_available() { return SPP_ATTENTION_BRGEMM || sgemm_ != nullptr; }
 
 // q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) fp32 CPU; keep: (B, M) bool key padding (true =
-// attend) or none; causal: query i sees keys j <= i + M - N. Returns (B, N, H, Dv), contiguous (the
-// caller's (B, H, N, Dv) is its permuted view). Query rows without keys (all padding, or causal with
-// N > M) give 0.
+// attend) or none; causal: query i sees keys j <= i + M - N; bias: an fp32 (Bb, Hb, N, M) score
+// bias added after the scale, batch row b adding bias[b % Bb], head h bias[., h % Hb] (Hb 1 or H;
+// Swin's relative positions and window masks), or none. Returns (B, N, H, Dv), contiguous (the
+// caller's (B, H, N, Dv) is its permuted view). Query rows without keys (all padding, or causal
+// with N > M) give 0.
 at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
-                         const std::optional<at::Tensor>& keep_in, bool causal) {
+                         const std::optional<at::Tensor>& keep_in, bool causal,
+                         const std::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(attention_cpu_available(), "spp_ext.attention: torch exports neither an fp32 brgemm nor sgemm_ here");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "spp_ext.attention: q, k, v must be 4-D");
   for (const auto* t : {&q_in, &k_in, &v_in}) {
@@ -196,6 +202,14 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     keep = keep_in->to(at::kBool).contiguous();
     TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == M, "spp_ext.attention: keep must be (B, M)");
   }
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.device().is_cpu(), "spp_ext.attention: bias must be fp32 CPU");
+    TORCH_CHECK(bias.dim() == 4 && bias.size(0) > 0 && B % bias.size(0) == 0 &&
+                    (bias.size(1) == 1 || bias.size(1) == H) && bias.size(2) == N && bias.size(3) == M,
+                "spp_ext.attention: bias must be (Bb, Hb, N, M) with Bb dividing B and Hb in {1, H}");
+  }
   at::Tensor out = at::empty({B, N, H, Dv}, q_in.options());
   if (B == 0 || H == 0 || N == 0 || Dv == 0) return out;
   const at::Tensor q = gemm_ready(q_in), k = gemm_ready(k_in), v = gemm_ready(v_in);
@@ -203,6 +217,8 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
   const bool* KEEP = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+  const float* BIAS = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t Bb = bias.defined() ? bias.size(0) : 1, Hb = bias.defined() ? bias.size(1) : 1;
   float* O = out.data_ptr<float>();
   // per batch row: the key padding as a 0 / -inf score bias, and the first kept key (a query row
   // has keys when its causal limit passes it)
@@ -232,6 +248,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
       const float* kp = K + b * k.stride(0) + h * k.stride(1);
       const float* vp = V + b * v.stride(0) + h * v.stride(1);
       float* op = O + (b * N + i0) * ldo + h * Dv;
+      const float* bp = BIAS != nullptr ? BIAS + (((b % Bb) * Hb + h % Hb) * N + i0) * M : nullptr;
       // keys any row of the block may see
       const int64_t kend = causal ? std::clamp<int64_t>(i0 + r + M - N, 0, M) : M;
       if (kend > 0) {
@@ -253,7 +270,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
           inv[i] = 0.0f;
           continue;
         }
-        const float mx = bias_max(s, KEEP != nullptr ? kbias.data() + b * M : nullptr, lim);
+        const float mx = bias_max(s, bp != nullptr ? bp + i * M : nullptr, KEEP != nullptr ? kbias.data() + b * M : nullptr, lim);
         inv[i] = 1.0f / exp_sum(s, lim, mx);
         std::fill(s + lim, s + kend, 0.0f);
       }

@@ -26,7 +26,7 @@ void inclusion_step_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         double, double, double, double, double, double, double, double, c10::string_view,
                         c10::string_view, bool, bool);
 at::Tensor attention_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                         const std::optional<at::Tensor>&, bool);
+                         const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&);
 bool attention_cpu_available();
 }  // namespace spp_ext
 
@@ -42,7 +42,7 @@ TORCH_LIBRARY(spp_ext, m) {
         "Tensor(e!) gamma, Tensor(f!) entry, Tensor(g!) support_count, int step, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, float kappa, float lam, float nu, float step_size, float inv_sqrt_bc2, "
         "float rho, str gamma_mode, str optimizer, bool record, bool check_finite) -> ()");
-  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? keep, bool causal) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? keep, bool causal, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spp_ext, CPU, m) {

@@ -237,17 +237,20 @@ def inclusion_step(m, grad, exp_avg, exp_avg_sq, z, gamma, entry, support_count,
 
 # ---------------------------------------------------------------- attention (CPU forward)
 @torch.library.register_fake("spp_ext::attention")
-def _attention_fake(q, k, v, scale, keep, causal):
+def _attention_fake(q, k, v, scale, keep, causal, bias=None):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
 
 
-def _fused_attention(q, k, v, scale, attn_mask, is_causal):
+def _fused_attention(q, k, v, scale, attn_mask, is_causal, bias=None):
     """The fused kernel's forward as the chunked route's (B, H, N, Dv), a view of its (B, N, H, Dv)."""
-    return ops.attention(q, k, v, float(scale), attn_mask, bool(is_causal)).permute(0, 2, 1, 3)
+    if bias is not None:
+        bias = bias.detach().to(torch.float32)  # its gradient comes from the chunked route's backward
+    return ops.attention(q, k, v, float(scale), attn_mask, bool(is_causal), bias).permute(0, 2, 1, 3)
 
 
 def attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     """The ext backend of :func:`reference.attention`: the torch backend's routes and guards
-    (:func:`reference.sdpa_attention`), whose fp32 CPU calls without ``bias`` run the fused kernel
-    ``spp_ext::attention`` forward (equal widths too) and the chunked route's backward."""
+    (:func:`reference.sdpa_attention`), whose fp32 CPU calls run the fused kernel
+    ``spp_ext::attention`` forward (equal widths too, and with an additive ``bias``) and the
+    chunked route's backward."""
     return reference.sdpa_attention(q, k, v, scale, attn_mask, is_causal, bias, fused=_fused_attention)

@@ -606,16 +606,16 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     additive ``bias`` is gathered per chunk from its (Bb·Hb) rows (never tiled to the batch) and
     its gradient summed back into them.
 
-    ``fused(q, k, v, scale, attn_mask, is_causal)``, when given, computes the forward without a
-    ``bias`` instead (the extension's fused kernel); the backward stays the one here."""
+    ``fused(q, k, v, scale, attn_mask, is_causal, bias)``, when given, computes the forward
+    instead (the extension's fused kernel); the backward stays the one here."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal, bias, fused)
     return _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias, fused)
 
 
 def _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias=None, fused=None) -> torch.Tensor:
-    if fused is not None and bias is None:
-        return fused(q, k, v, scale, attn_mask, is_causal)
+    if fused is not None:
+        return fused(q, k, v, scale, attn_mask, is_causal, bias)
     B, H, N, D = q.shape
     M, Dv = k.shape[2], v.shape[-1]
     BH = B * H
@@ -752,8 +752,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     where the reference, the chunked route and the Triton kernel add it in fp32); the chunked
     route gathers it per chunk instead.
 
-    ``fused``: a forward for the chunked route's calls without ``bias`` (the ext backend passes its
-    fused CPU kernel, which then also takes equal widths; see :func:`cpu_chunked_attention`)."""
+    ``fused``: a forward for the chunked route's calls (the ext backend passes its fused CPU
+    kernel, which then also takes equal widths; see :func:`cpu_chunked_attention`)."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))

@@ -1,9 +1,10 @@
 """The fused CPU attention forward of the extension (``spp_ext::attention``, csrc/attention.cpp)
 against the float64 oracle: odd and unequal widths (both of its GEMM paths: brgemm, and the BLAS
 matrix-vector path for P·V at Dv = 1), key padding, causal alignment with N != M, rows without keys,
+an additive (Bb, Hb, N, M) bias as Swin gives it,
 inputs laid out as the projections give them, long key ranges (smaller query blocks, exp tails),
 its softmax alone at extreme score spreads, inf / NaN in padded keys through the public op,
-gradients (fused forward + the chunked route's backward), thread-count independence, opcheck
+gradients (fused forward + the chunked route's backward, with and without a bias), thread-count independence, opcheck
 and which route the dispatcher takes."""
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def keep_mask(B, M, seed=1, empty_row=None):
     return keep
 
 
-def fused(q, k, v, scale, keep, causal):
-    out = torch.ops.spp_ext.attention(q, k, v, scale, keep, causal)
+def fused(q, k, v, scale, keep, causal, bias=None):
+    out = torch.ops.spp_ext.attention(q, k, v, scale, keep, causal, bias)
     assert out.is_contiguous() and out.shape == (q.shape[0], q.shape[2], q.shape[1], v.shape[3])
     return out.permute(0, 2, 1, 3)
 
@@ -75,6 +76,27 @@ def test_forward_matches_the_oracle(case):
         assert torch.all(out[B - 1] == 0)  # a row without keys gives exactly 0
     if causal and N > M:
         assert torch.all(out[:, :, : N - M] == 0)
+
+
+@pytest.mark.parametrize("bb, hb, causal, padding", [(1, 1, False, False), (2, 3, False, True), (4, 1, True, True),
+                                                   (1, 3, True, False)])
+def test_forward_with_an_additive_bias(bb, hb, causal, padding):
+    # Swin's case: a (Bb, Hb, N, M) bias, batch row b adding bias[b % Bb], head h bias[:, h % Hb]
+    B, H, N, M, D, Dv = 4, 3, 11, 11 if causal else 15, 7, 5
+    q, k, v = projected(B, H, N, M, D, Dv, seed=5)
+    g = torch.Generator().manual_seed(6)
+    bias = torch.randn(bb, hb, N, M, generator=g) * 3
+    keep = keep_mask(B, M, empty_row=1) if padding else None
+    out = fused(q, k, v, 0.41, keep, causal, bias)
+    want = oracle_attention(q, k, v, 0.41, keep, causal, bias)
+    assert_close(out, want, torch.float32, D, M, msg=f"bias {bb}x{hb}")
+    if padding:
+        assert torch.all(out[1] == 0)
+    # a bias of zeros is no bias at all; a constant per row changes nothing either (softmax)
+    zero = fused(q, k, v, 0.41, keep, causal, torch.zeros(1, 1, N, M))
+    assert torch.equal(zero, fused(q, k, v, 0.41, keep, causal))
+    shift = fused(q, k, v, 0.41, keep, causal, torch.full((1, H, N, 1), 2.5).expand(1, H, N, M))
+    torch.testing.assert_close(shift, zero, rtol=2e-5, atol=2e-6)
 
 
 def test_contiguous_and_projection_layouts_agree_bit_for_bit():
@@ -144,6 +166,7 @@ def test_opcheck():
     keep = keep_mask(2, 9)
     torch.library.opcheck(torch.ops.spp_ext.attention, (q, k, v, 0.25, keep, False))
     torch.library.opcheck(torch.ops.spp_ext.attention, (q.contiguous(), k, v, 0.25, None, True))
+    torch.library.opcheck(torch.ops.spp_ext.attention, (q, k, v, 0.25, keep, False, torch.randn(1, 2, 6, 9)))
 
 
 def test_argument_checks():
@@ -154,6 +177,11 @@ def test_argument_checks():
         torch.ops.spp_ext.attention(q, k, v, 0.5, torch.ones(2, 4, dtype=torch.bool), False)
     with pytest.raises(RuntimeError, match="v must be"):
         torch.ops.spp_ext.attention(q, k, v[:, :, :3], 0.5, None, False)
+    for bad in (torch.zeros(1, 3, 4, 4), torch.zeros(2, 1, 4, 4), torch.zeros(1, 1, 4, 3), torch.zeros(1, 4, 4)):
+        with pytest.raises(RuntimeError, match="bias must be"):
+            torch.ops.spp_ext.attention(q, k, v, 0.5, None, False, bad)
+    with pytest.raises(RuntimeError, match="bias must be fp32"):
+        torch.ops.spp_ext.attention(q, k, v, 0.5, None, False, torch.zeros(1, 1, 4, 4, dtype=torch.float64))
 
 
 def test_the_dispatcher_runs_it_for_fp32_cpu_calls(monkeypatch):
@@ -172,17 +200,18 @@ def test_the_dispatcher_runs_it_for_fp32_cpu_calls(monkeypatch):
     q2, k2, v2 = projected(2, 3, 10, 10, 8, 5)
     spp_kernels.attention(q2, k2, v2, 0.3, None, True)
     assert len(calls) == 2
-    # not with a bias (its own chunked path), in other dtypes or inside sdpa_only
-    spp_kernels.attention(q, k, v, 0.3, bias=torch.zeros(1, 1, 10, 10))
+    spp_kernels.attention(q, k, v, 0.3, bias=torch.zeros(1, 1, 10, 10))  # with a bias too
+    assert len(calls) == 3
+    # not in other dtypes or inside sdpa_only
     spp_kernels.attention(q.half(), k.half(), v.half(), 0.3)
     with reference.sdpa_only():
         spp_kernels.attention(q, k, v, 0.3)
-    assert len(calls) == 2
+    assert len(calls) == 3
     # SPP_BACKEND=torch: the torch backend's own routes
     monkeypatch.setenv("SPP_BACKEND", "torch")
     torch.testing.assert_close(spp_kernels.attention(q2, k2, v2, 0.3, None, True),
                                reference.attention(q2, k2, v2, 0.3, None, True), rtol=1e-5, atol=1e-6)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -200,3 +229,19 @@ def test_gradients_through_the_public_op(causal):
     # the recorded forward is the inference one, bit for bit
     with torch.no_grad():
         assert torch.equal(spp_kernels.attention(q, k, v, 0.3, keep, causal), out.detach())
+
+
+def test_gradients_with_a_bias_through_the_public_op():
+    # Swin's windows: 4 images × 2 windows, one bias row per window and head, learnable
+    q, k, v = projected(8, 3, 9, 9, 5, 6, seed=7)
+    bias = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(8))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    out = spp_kernels.attention(*leaves[:3], 0.45, None, False, bias=leaves[3])
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, do)
+    l64 = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    want = torch.autograd.grad(oracle_attention(*l64[:3], 0.45, None, False, l64[3]), l64, do.double())
+    for name, a, b in zip(("q", "k", "v", "bias"), got, want):
+        assert_close(a, b, torch.float32, 6, 9 * 4, msg=f"d{name}")
+    with torch.no_grad():  # the recorded forward is the inference one, bit for bit
+        assert torch.equal(spp_kernels.attention(q, k, v, 0.45, None, False, bias=bias), out.detach())

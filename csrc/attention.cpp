@@ -6,8 +6,9 @@
 // them by the head's values, read in place too, straight into the (B, N, H, Dv) output, so that
 // the caller's reshape to (B, N, H·Dv) is a view. Nothing of size N·M leaves the task; no q / k /
 // v / output copies as on the chunked torch route. The products run on torch's batch-reduce GEMM
-// (at::native::cpublas::brgemm: oneDNN's JIT microkernels where the CPU has them — AVX-512 — and
-// torch's BLAS elsewhere); with a torch too old to have its fp32 form, on the BLAS torch links
+// (at::native::cpublas::brgemm: oneDNN's JIT microkernels where torch's build and the CPU allow
+// them, as on this AVX-512 machine, else torch's own GEMM); with a torch too old to have its fp32
+// form, on the BLAS torch links
 // (its exported Fortran sgemm_), and where torch exports neither the op reports itself unavailable
 // and the torch route runs. The backward stays on the torch route (spp_kernels.ext_ops).
 #include <ATen/ATen.h>

@@ -134,16 +134,17 @@ def side_by_side(models: dict, inputs, repeats: int = 7) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def proportional_efficiency(flops_ratio: float, dense_s: float, skeleton_s: float,
+def proportional_efficiency(flops_ratio: float, full_s: float, skeleton_s: float,
                             skeleton_flops_ratio: float) -> float:
-    """The efficiency (speed-up × FLOPs ratio) of a pruned model whose pairs take exactly their
-    FLOPs share of the dense model's pair time, over a fixed part that takes ``skeleton_s`` (see
-    the module docstring; ``dense_s`` is then the full-width time). 1 when the fixed part is free."""
-    r, rs, d, s = flops_ratio, skeleton_flops_ratio, dense_s, skeleton_s
-    if not (0 <= rs < r <= 1) or not 0 < s < d:
-        raise ValueError(f"need 0 <= skeleton ratio < FLOPs ratio <= 1 and 0 < skeleton time < dense time, "
-                         f"got r={r}, r_s={rs}, D={d}, S={s}")
-    return r * d / (s + (r - rs) / (1 - rs) * (d - s))
+    """The efficiency (speed-up × FLOPs ratio, against the full-width model that takes ``full_s``)
+    of a pruned model whose pairs take exactly their FLOPs share of the full-width pair time, over a
+    fixed part that takes ``skeleton_s``; both ratios are to the full width (see the module
+    docstring). 1 when the fixed part is free."""
+    r, rs, f, s = flops_ratio, skeleton_flops_ratio, full_s, skeleton_s
+    if not (0 <= rs < r <= 1) or not 0 < s < f:
+        raise ValueError(f"need 0 <= skeleton ratio < FLOPs ratio <= 1 and 0 < skeleton time < full-width time, "
+                         f"got r={r}, r_s={rs}, F={f}, S={s}")
+    return r * f / (s + (r - rs) / (1 - rs) * (f - s))
 
 
 def skeleton(model, path):

@@ -179,6 +179,8 @@ at::Tensor gemm_ready(const at::Tensor& t) {
 
 bool attention_cpu_available() { return SPP_ATTENTION_BRGEMM || sgemm_ != nullptr; }
 
+const char* attention_cpu_gemm() { return SPP_ATTENTION_BRGEMM ? "brgemm" : "blas"; }
+
 // q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) fp32 CPU; keep: (B, M) bool key padding (true =
 // attend) or none; causal: query i sees keys j <= i + M - N; bias: an fp32 (Bb, Hb, N, M) score
 // bias added after the scale, batch row b adding bias[b % Bb], head h bias[., h % Hb] (Hb 1 or H;

@@ -28,6 +28,7 @@ void inclusion_step_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 at::Tensor attention_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                          const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&);
 bool attention_cpu_available();
+const char* attention_cpu_gemm();
 }  // namespace spp_ext
 
 TORCH_LIBRARY(spp_ext, m) {
@@ -67,6 +68,8 @@ PyObject* PyInit__C(void) {
 #endif
     // whether the attention op has the GEMM it calls (torch's fp32 brgemm or its exported sgemm_)
     PyModule_AddIntConstant(mod, "attention_cpu", spp_ext::attention_cpu_available() ? 1 : 0);
+    // which GEMM its products run on: "brgemm" or "blas" (torch without the fp32 brgemm)
+    PyModule_AddStringConstant(mod, "attention_gemm", spp_ext::attention_cpu_gemm());
   }
   return mod;
 }

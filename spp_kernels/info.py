@@ -6,11 +6,19 @@ import torch
 from . import dispatch
 
 
+def _ext_attention_gemm() -> str:
+    from . import _ext
+
+    return getattr(_ext._C, "attention_gemm", "an unknown GEMM") if _ext.available else "-"
+
+
 def report() -> str:
     lines = [f"torch {torch.__version__}; cuda available: {torch.cuda.is_available()}"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         for op, backend, reason in dispatch.explain(dev):
+            if (dev, op, backend) == ("cpu", "attention", "ext"):
+                reason += f"; fp32 forward fused, its products on {_ext_attention_gemm()}"
             lines.append(f"{dev:5s} {op:15s} -> {backend:6s} ({reason})")
     return "\n".join(lines)
 

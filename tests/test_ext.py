@@ -408,3 +408,7 @@ def test_info_names_ext_when_built():
     for op in ("masked_linear", "pair_matmul", "inclusion_step"):
         line = next(line for line in r.stdout.splitlines() if line.startswith("cpu") and f" {op} " in line)
         assert "-> ext" in line or "-> triton" in line, line
+    if getattr(_ext._C, "attention_cpu", 0):  # the fused attention says which GEMM its products run on
+        line = next(line for line in r.stdout.splitlines() if line.startswith("cpu") and " attention " in line)
+        assert "-> ext" in line and f"products on {_ext._C.attention_gemm}" in line, line
+        assert _ext._C.attention_gemm in ("brgemm", "blas")

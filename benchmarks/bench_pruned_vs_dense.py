@@ -103,7 +103,7 @@ def run_model(name, args, device, dtype, rows):
     spp.detach(model)  # the dense model runs its own, unmasked modules
     rows += bench.pruned_vs_dense(model, path, inputs, name=name, seq=seq, flops=args.flops, round_to=args.round_to,
                                   batches=args.batches, repeats=args.repeats, latency_table=table,
-                                  latency=args.latency or ())
+                                  latency=args.latency or (), references=not args.no_references)
 
 
 def main():
@@ -120,6 +120,9 @@ def main():
     ap.add_argument("--latency", nargs="*", type=float, default=None,
                     help="also latency targets (a table is profiled first at the largest batch)")
     ap.add_argument("--quick", action="store_true", help="one target, batch 1, 3 repeats")
+    ap.add_argument("--no-references", action="store_true",
+                    help="time dense and pruned only, not also the full-width model and the skeleton (about half "
+                    "the time; the vs-full-width and proportional columns stay empty)")
     ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
                     help="retain (default): glibc keeps freed memory, so neither model pays page faults per "
                     "forward; default: the C library as it comes (see spp.bench.retain_freed_memory)")

@@ -16,7 +16,6 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <limits>

@@ -36,6 +36,21 @@ class MaskSlot:
         return self.arena.active[self.name]
 
 
+def run_linear(lin: nn.Module, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+    """``act(lin(x))`` through ``spp_kernels.linear`` (the fastest GEMM for an unmasked product:
+    oneDNN for fp32 on x86 CPUs) when ``lin`` is a plain ``nn.Linear`` with no hooks; any other
+    module (a LoRA wrapper, a quantised linear, one with hooks) is called as it is."""
+    if type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks or _global_hooks()):
+        return spp_kernels.linear(x, lin.weight, lin.bias, act)
+    y = lin(x)
+    return y if act is None else spp_kernels.reference.activation(act)(y)
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
 def _head_col2unit(heads: int, width: int, device=None) -> torch.Tensor:
     # channel h*width + j of a projection belongs to the shared unit j
     return torch.arange(width, device=device).repeat(heads)
@@ -80,7 +95,7 @@ class MaskedAttention(nn.Module):
 
     def _proj(self, lin: nn.Linear, x: torch.Tensor, slot: Optional[MaskSlot], col2unit: torch.Tensor) -> torch.Tensor:
         if slot is None or not slot.enabled:
-            return F.linear(x, lin.weight, lin.bias)
+            return spp_kernels.linear(x, lin.weight, lin.bias)
         return spp_kernels.masked_linear(x, lin.weight, lin.bias, slot.mask(), col2unit, None)
 
     def forward_core(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
@@ -90,11 +105,11 @@ class MaskedAttention(nn.Module):
         B, N, _ = x.shape
         H = self.num_heads
         q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, H, self.qk_dim).transpose(1, 2)
-        k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
+        k = spp_kernels.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
         ctx = self._attend(q, k, v, attn_mask, is_causal, bias)
         ctx = ctx.transpose(1, 2).reshape(B, N, H * self.v_dim)
-        return self.out_drop(self.o(ctx))
+        return self.out_drop(run_linear(self.o, ctx))
 
     def _attend(self, q, k, v, attn_mask, is_causal, bias=None):
         """The attention core. Without dropout, with no mask or a key-padding one, and with or
@@ -312,8 +327,7 @@ class MaskedMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot is None or not self.slot.enabled:
-            h = spp_kernels.reference.activation(self.act)(self.fc1(x))
-            return self.drop(self.fc2(h))
+            return self.drop(run_linear(self.fc2, run_linear(self.fc1, x, self.act)))
         y = spp_kernels.pair_matmul(
             x, self.fc1.weight, self.fc1.bias, self.slot.mask(), self.fc2.weight, self.fc2.bias,
             self.act, self.slot.active(),
@@ -337,10 +351,10 @@ class GatedMaskedMlp(MaskedMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot is None or not self.slot.enabled:
-            h = spp_kernels.reference.activation(self.act)(self.fc1(x))
+            h = run_linear(self.fc1, x, self.act)
         else:  # the mask rides in the gate GEMM's epilogue
             h = spp_kernels.masked_linear(x, self.fc1.weight, self.fc1.bias, self.slot.mask(), None, self.act)
-        return self.drop(self.fc2(h * self.up(x)))
+        return self.drop(run_linear(self.fc2, h * run_linear(self.up, x)))
 
 
 class MaskedLinear(nn.Module):
@@ -348,7 +362,7 @@ class MaskedLinear(nn.Module):
 
     ``linear``: the wrapped Linear (its parameters are used, not copied); ``col2unit``: (out,) int64
     mapping each output column to a mask unit, or None when there is one unit per column; the mask
-    comes from ``slot``; without a slot (or with the arena disabled) it is a plain ``F.linear``.
+    comes from ``slot``; without a slot (or with the arena disabled) it is ``spp_kernels.linear``.
     """
 
     def __init__(self, linear: nn.Linear, slot: Optional[MaskSlot] = None, col2unit: Optional[torch.Tensor] = None,
@@ -375,7 +389,7 @@ class MaskedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot is None or not self.slot.enabled:
-            return spp_kernels.reference.activation(self.act)(F.linear(x, self.linear.weight, self.linear.bias))
+            return spp_kernels.linear(x, self.linear.weight, self.linear.bias, self.act)
         return spp_kernels.masked_linear(x, self.linear.weight, self.linear.bias, self.slot.mask(), self.col2unit,
                                          self.act)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from ._linear import onednn_status
 
 
 def _ext_attention_gemm() -> str:
@@ -20,6 +21,8 @@ def report() -> str:
             if (dev, op, backend) == ("cpu", "attention", "ext"):
                 reason += f"; fp32 forward fused, its products on {_ext_attention_gemm()}"
             lines.append(f"{dev:5s} {op:15s} -> {backend:6s} ({reason})")
+    ok, why = onednn_status()
+    lines.append(f"{'cpu':5s} {'linear':15s} -> {'onednn' if ok else 'torch':6s} (fp32 products of pruned layers; {why})")
     return "\n".join(lines)
 
 

@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..layers import MaskedAttention, MaskedMlp, MaskSlot, _narrow_linear, hf_attention, prune_attention
+import spp_kernels
+
+from ..layers import MaskedAttention, MaskedMlp, MaskSlot, _narrow_linear, hf_attention, prune_attention, run_linear
 from .base import Adapter, pair_specs_of
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu",
@@ -37,11 +38,11 @@ class ClipMaskedAttention(MaskedAttention):
         B, N, _ = hidden_states.shape
         H, x = self.num_heads, hidden_states
         q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, H, self.qk_dim).transpose(1, 2)
-        k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
+        k = spp_kernels.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
         out, weights = hf_attention(self, self.config, eager_attention_forward, q, k, v, attention_mask,
                                     scaling=self.scale, dropout=self.attn_drop if self.training else 0.0, **kwargs)
-        return self.out_drop(self.o(out.reshape(B, N, H * self.v_dim).contiguous())), weights
+        return self.out_drop(run_linear(self.o, out.reshape(B, N, H * self.v_dim).contiguous())), weights
 
 
 class ClipMaskedMlp(MaskedMlp):
@@ -57,10 +58,10 @@ class ClipMaskedMlp(MaskedMlp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act != "quick_gelu":
             return super().forward(x)
-        h = _quick_gelu(self.fc1(x))
+        h = _quick_gelu(run_linear(self.fc1, x))
         if self.slot is not None and self.slot.enabled:
             h = h * self.slot.mask().to(h.dtype)
-        return self.drop(self.fc2(h))
+        return self.drop(run_linear(self.fc2, h))
 
 
 def _find(module: nn.Module, attr: str) -> Optional[nn.Module]:

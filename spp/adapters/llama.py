@@ -14,12 +14,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import spp_kernels
 
 from ..arena import PairSpec
-from ..layers import GatedMaskedMlp, MaskSlot, _narrow_linear, hf_attention, prune_mlp
+from ..layers import GatedMaskedMlp, MaskSlot, _narrow_linear, hf_attention, prune_mlp, run_linear
 from .base import Adapter
 
 _ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -78,7 +77,7 @@ class RopeGqaAttention(nn.Module):
 
     def _proj(self, lin, x, slot, col2unit):
         if slot is None or not slot.enabled:
-            return F.linear(x, lin.weight, lin.bias)
+            return spp_kernels.linear(x, lin.weight, lin.bias)
         return spp_kernels.masked_linear(x, lin.weight, lin.bias, slot.mask(), col2unit, None)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
@@ -91,7 +90,7 @@ class RopeGqaAttention(nn.Module):
         B, N, _ = hidden_states.shape
         x = hidden_states
         q = self._proj(self.q, x, self.qk_slot, self.qk_col2unit).view(B, N, self.num_heads, self.qk_dim).transpose(1, 2)
-        k = F.linear(x, self.k.weight, self.k.bias).view(B, N, self.num_kv_heads, self.qk_dim).transpose(1, 2)
+        k = spp_kernels.linear(x, self.k.weight, self.k.bias).view(B, N, self.num_kv_heads, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, self.num_kv_heads, self.v_dim).transpose(1, 2)
         cos, sin = position_embeddings
         if self.qk_dim != 2 * self.rotary_half:
@@ -108,7 +107,7 @@ class RopeGqaAttention(nn.Module):
                                     dropout=self.attn_drop if self.training else 0.0, scaling=self.scale, **extra,
                                     **kwargs)
         out = out.reshape(B, N, self.num_heads * self.v_dim).contiguous()
-        return self.o(out), weights
+        return run_linear(self.o, out), weights
 
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..layers import MaskedAttention, MaskedMlp, hf_attention, prune_attention, prune_mlp
+import spp_kernels
+
+from ..layers import MaskedAttention, MaskedMlp, hf_attention, prune_attention, prune_mlp, run_linear
 from .base import Adapter
 
 _ACTS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}
@@ -34,14 +35,14 @@ class OptMaskedAttention(MaskedAttention):
         H = self.num_heads
         x = hidden_states
         q = (self._proj(self.q, x, self.qk_slot, self.qk_col2unit) * self.scale).view(B, N, H, self.qk_dim).transpose(1, 2)
-        k = F.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
+        k = spp_kernels.linear(x, self.k.weight, self.k.bias).view(B, N, H, self.qk_dim).transpose(1, 2)
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         out, weights = hf_attention(self, self.config, eager_attention_forward, q, k, v, attention_mask,
                                     dropout=self.attn_drop if self.training else 0.0, scaling=1.0, **kwargs)
         out = out.reshape(B, N, H * self.v_dim).contiguous()
-        return self.out_drop(self.o(out)), weights
+        return self.out_drop(run_linear(self.o, out)), weights
 
 
 def _decoder(model: nn.Module) -> nn.Module:

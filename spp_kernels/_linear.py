@@ -1,0 +1,111 @@
+"""``linear(x, W, b, act)``: ``act(x Wᵀ + b)`` for the unmasked layers of pruned models, on the
+fastest GEMM the machine offers.
+
+On x86-64 CPUs, for fp32 products that need no gradient and are large enough, the product runs
+as one oneDNN matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU
+backend uses) with the bias and the activation fused in its epilogue; everywhere else it is
+``F.linear`` followed by the activation. Why: PyTorch's fp32 ``F.linear`` on CPU calls the BLAS
+it was built with, and on the CPUs we measured (AMD EPYC, MKL) that BLAS takes a path that runs
+at about half oneDNN's speed, and at a third to a quarter on the narrow widths pruning leaves
+(``benchmarks/bench_linear.py``). Below :data:`MIN_MACS` multiply-adds the primitive's fixed
+cost (about 10 µs) outweighs the gain, so small products stay on ``F.linear``.
+
+The plain path is taken whenever the fast one might change more than rounding: gradients
+(training, fine-tuning), other devices and dtypes, ``torch.compile`` / tracing, and an active
+dispatch mode (``FlopCounterMode`` must count these products). ``SPP_BACKEND=torch`` or
+``SPP_ONEDNN_LINEAR=0`` keeps every product on ``F.linear``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+MIN_MACS = 1 << 20  # rows × out × in below which F.linear is faster (measured: 128 × 384 × 24 ≈ 1.2 M is even)
+
+# our activation names -> oneDNN post-op (attr, algorithm) of _linear_pointwise
+_POST_OPS = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
+             "gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
+
+_state: Optional[tuple[bool, str]] = None  # (available, why), decided on first use
+
+
+def _python_dispatch_mode_active() -> bool:
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - every torch we support has it
+        return False
+    return _get_current_dispatch_mode() is not None
+
+
+def _decide() -> tuple[bool, str]:
+    if os.environ.get("SPP_ONEDNN_LINEAR", "1").strip() in ("0", "false", "no", "off"):
+        return False, "disabled by SPP_ONEDNN_LINEAR=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"oneDNN linears are used on x86-64 only (this is {platform.machine()})"
+    if not torch.backends.mkldnn.is_available():
+        return False, "this torch was built without oneDNN"
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return False, "this torch has no mkldnn._linear_pointwise"
+    try:  # a self-test: a torch whose op changed meaning must not give wrong numbers
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 7, generator=g)
+        w = torch.randn(3, 7, generator=g)
+        b = torch.randn(3, generator=g)
+        with torch.no_grad():
+            ok = all(torch.allclose(op(x, w, b, attr, [], alg), reference.activation(name)(F.linear(x, w, b)),
+                                    rtol=1e-4, atol=1e-5) for name, (attr, alg) in _POST_OPS.items())
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return False, f"mkldnn._linear_pointwise failed its self-test ({type(exc).__name__}: {str(exc)[:120]})"
+    if not ok:
+        return False, "mkldnn._linear_pointwise failed its self-test (wrong values)"
+    return True, f"oneDNN (mkldnn._linear_pointwise) from {MIN_MACS} multiply-adds, F.linear below"
+
+
+def onednn_status() -> tuple[bool, str]:
+    """(whether fp32 CPU linears of pruned layers may run on oneDNN, a sentence saying why)."""
+    global _state
+    if _state is None:
+        _state = _decide()
+    return _state
+
+
+def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    if x.dtype != torch.float32 or W.dtype != torch.float32 or x.device.type != "cpu" or W.device.type != "cpu":
+        return False
+    if W.dim() != 2 or x.dim() == 0 or x.shape[-1] != W.shape[1]:
+        return False  # F.linear says what is wrong
+    if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or b.shape != (W.shape[0],)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or (b is not None and b.requires_grad)):
+        return False
+    if x.shape[-1] == 0 or x.numel() // x.shape[-1] * W.shape[0] * W.shape[1] < MIN_MACS:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):  # subclasses (fake tensors, …)
+        return False
+    if _python_dispatch_mode_active():
+        return False
+    if os.environ.get("SPP_BACKEND", "").strip().lower() == "torch":
+        return False
+    return onednn_status()[0]
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
+           act: Optional[str] = None) -> torch.Tensor:
+    """``act(x Wᵀ + b)`` (x (..., K), W (N, K), b (N,) or None; ``act`` one of
+    ``spp_kernels.ACTIVATIONS``, None = "none"), as ``F.linear`` computes it up to fp32 rounding.
+    No mask: the pruned model's layers, whose masks are folded into their weights."""
+    fn = reference.activation(act)  # validates the name
+    if _fast(x, W, b):
+        attr, alg = _POST_OPS["none" if act is None else act]
+        return torch.ops.mkldnn._linear_pointwise(x, W, b, attr, [], alg)
+    y = F.linear(x, W, b)
+    return y if act is None or act == "none" else fn(y)

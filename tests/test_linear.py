@@ -1,0 +1,166 @@
+"""``spp_kernels.linear`` (the unmasked product of pruned layers): the oneDNN path agrees with
+``F.linear`` + activation, is taken exactly where it should be, and pruned models stay exact on it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import spp
+import spp_kernels
+import spp_kernels._linear as lin_mod
+from helpers import make, max_err, outputs, quiet_search
+from spp.layers import run_linear
+from tolerances import gemm_tol
+
+ONEDNN = lin_mod.onednn_status()[0]
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"no oneDNN linear here: {lin_mod.onednn_status()[1]}")
+ACTS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def _ref(x, W, b, act):
+    return spp_kernels.reference.activation(act)(F.linear(x.double(), W.double(), None if b is None else b.double()))
+
+
+def _ran_onednn(fn) -> bool:
+    """Whether ``fn()`` called oneDNN's linear (read from the profiler's op names)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("_linear_pointwise" in e.key for e in prof.key_averages())
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """Forget the remembered availability, so that env changes are read again."""
+    monkeypatch.setattr(lin_mod, "_state", None)
+    yield
+    lin_mod._state = None
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape,out,bias", [((3, 67, 384), 53, True), ((197, 40), 1536, False), ((1, 7, 1536), 1, True)])
+def test_onednn_path_matches_reference(act, shape, out, bias, monkeypatch):
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 0)
+    g = torch.Generator().manual_seed(len(shape) * 1000 + out)
+    x = torch.randn(*shape, generator=g)
+    W = torch.randn(out, shape[-1], generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    with torch.no_grad():
+        assert _ran_onednn(lambda: spp_kernels.linear(x, W, b, act))
+        got = spp_kernels.linear(x, W, b, act)
+    ref = _ref(x, W, b, act)
+    assert got.shape == (*shape[:-1], out) and got.dtype == torch.float32
+    tol = gemm_tol(torch.float32, shape[-1])
+    torch.testing.assert_close(got.double(), ref, atol=tol.atol, rtol=tol.rtol)
+
+
+@needs_onednn
+def test_threshold_and_what_stays_on_f_linear(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(24, 384, generator=g)
+    b = torch.randn(24, generator=g)
+    big, small = torch.randn(2, 128, 384, generator=g), torch.randn(1, 9, 384, generator=g)
+    assert 2 * 128 * 24 * 384 >= lin_mod.MIN_MACS > 9 * 24 * 384
+    with torch.no_grad():
+        assert _ran_onednn(lambda: spp_kernels.linear(big, W, b))
+        assert not _ran_onednn(lambda: spp_kernels.linear(small, W, b))
+        # other dtypes: F.linear, bit for bit
+        for dt in (torch.float16, torch.bfloat16, torch.float64):
+            xb, Wb, bb = big.to(dt), W.to(dt), b.to(dt)
+            assert not _ran_onednn(lambda: spp_kernels.linear(xb, Wb, bb, "gelu"))
+            assert torch.equal(spp_kernels.linear(xb, Wb, bb, "gelu"), F.gelu(F.linear(xb, Wb, bb)))
+        monkeypatch.setenv("SPP_BACKEND", "torch")
+        assert not _ran_onednn(lambda: spp_kernels.linear(big, W, b))
+        assert torch.equal(spp_kernels.linear(big, W, b), F.linear(big, W, b))
+    monkeypatch.delenv("SPP_BACKEND")
+    # gradients needed: F.linear, and the gradients are autograd's
+    xg = big.clone().requires_grad_()
+    assert not _ran_onednn(lambda: spp_kernels.linear(xg, W, b, "silu"))
+    spp_kernels.linear(xg, W, b, "silu").sum().backward()
+    xr = big.clone().requires_grad_()
+    F.silu(F.linear(xr, W, b)).sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+    # FlopCounterMode (the cost-model tests) must see the product
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        spp_kernels.linear(big, W, b)
+    assert fc.get_total_flops() == 2 * 2 * 128 * 24 * 384
+
+
+def test_disabled_by_env(fresh_state, monkeypatch):
+    monkeypatch.setenv("SPP_ONEDNN_LINEAR", "0")
+    ok, why = spp_kernels.onednn_status()
+    assert not ok and "SPP_ONEDNN_LINEAR" in why
+    x, W = torch.randn(64, 384), torch.randn(384, 384)
+    with torch.no_grad():
+        assert not _ran_onednn(lambda: spp_kernels.linear(x, W))
+        assert torch.equal(spp_kernels.linear(x, W, None, "relu"), F.relu(F.linear(x, W)))
+
+
+def test_info_reports_the_linear(fresh_state):
+    from spp_kernels.info import report
+
+    line = [r for r in report().splitlines() if r.split()[1:2] == ["linear"]]
+    assert len(line) == 1
+    ok, why = spp_kernels.onednn_status()
+    assert ("-> onednn" in line[0]) == ok and why in line[0]
+
+
+def test_bad_arguments_raise_like_f_linear():
+    x, W = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="act must be one of"):
+        spp_kernels.linear(x, W, None, "tanh")
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        spp_kernels.linear(torch.randn(4, 9), W)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        spp_kernels.linear(x, W, torch.randn(4))
+
+
+@needs_onednn
+def test_run_linear_respects_hooks_and_wrappers(monkeypatch):
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 0)
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert _ran_onednn(lambda: run_linear(lin, x, "gelu"))
+        torch.testing.assert_close(run_linear(lin, x, "gelu"), F.gelu(lin(x)))
+        seen = []
+        h = lin.register_forward_hook(lambda mod, inp, out: seen.append(out.shape) or out * 2)
+        try:
+            assert not _ran_onednn(lambda: run_linear(lin, x))
+            torch.testing.assert_close(run_linear(lin, x), 2 * F.linear(x, lin.weight, lin.bias))
+            assert seen
+        finally:
+            h.remove()
+
+        class Wrapped(nn.Linear):  # e.g. a LoRA layer: its own forward must run
+            def forward(self, inp):
+                return super().forward(inp) + 1.0
+
+        w = Wrapped(16, 8)
+        torch.testing.assert_close(run_linear(w, x, "relu"), F.relu(F.linear(x, w.weight, w.bias) + 1.0))
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_pruned_model_exact_on_onednn(family, monkeypatch):
+    """Pruned vs masked at a searched target, with every product of the pruned model on oneDNN."""
+    model, batch = make(family, seed=3)
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=30)
+    masks = path.masks(keep=0.4)
+    pruned = spp.prune(model, masks)
+    handle.set_masks(masks)
+    masked = outputs(model, batch)
+    handle.set_masks(None)
+    spp.detach(model)
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 0)
+    assert _ran_onednn(lambda: outputs(pruned, batch))
+    got = outputs(pruned, batch)
+    assert max_err(got, masked) <= 1e-5
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 1 << 62)
+    assert not _ran_onednn(lambda: outputs(pruned, batch))
+    assert max_err(outputs(pruned, batch), got) <= 1e-5

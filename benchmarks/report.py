@@ -82,6 +82,16 @@ def kernel_tables(path: str) -> list[str]:
             body = [[r["shape"], r["dtype"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ml]
             parts.append(f"**masked_linear** ({dev}):\n\n" + table(["shape", "dtype", "provider", "metric", "value"],
                                                                      body))
+        li = [r for r in rs if r["op"] == "linear" and r["metric"] == "fwd_ms"]
+        if li:
+            shapes = list(dict.fromkeys(r["shape"] for r in li))
+            val = {(r["shape"], r["provider"]): num(r["value"]) for r in li}
+            body = [[s, f"{fmt(val[s, 'F.linear'])} ms", f"{fmt(val[s, 'spp_kernels.linear'])} ms",
+                     f"{val[s, 'F.linear'] / val[s, 'spp_kernels.linear']:.2f}x"]
+                    for s in shapes if (s, "F.linear") in val and (s, "spp_kernels.linear") in val]
+            parts.append(f"**linear** ({dev}; `spp_kernels.linear`, what pruned layers call, vs `F.linear` + activation, "
+                         "side by side; T rows × K in → N out):\n\n"
+                         + table(["shape", "F.linear", "spp_kernels.linear", "speed-up"], body))
         ss = [r for r in rs if r["op"] == "search_step"]
         if ss:
             body = [[r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ss]
@@ -188,6 +198,8 @@ def pruned_tables(path: str) -> list[str]:
     dev = rows[0]["device"]
     mallocs = sorted({r.get("malloc") or "not recorded" for r in rows})
     dev += f"; malloc: {', '.join(mallocs)}"
+    linears = sorted({r.get("linear") or "aten (not recorded)" for r in rows})
+    dev += f"; pruned layers' linears: {', '.join(linears)}"
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
              f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _opt(r, "efficiency_vs_full_width"), _opt(r, "proportional")] for r in rows]

@@ -10,6 +10,9 @@ the kernel. By default each forward at batch 64 re-faults its activations page b
 pruned to 0.3 of the FLOPs), a cost that falls mostly on the dense model and so flatters the
 speed-up. The benchmarks call it first and record the setting in the ``malloc`` column.
 
+The pruned and reference models run their unmasked products through ``spp_kernels.linear``
+(oneDNN for fp32 on x86 CPUs, column ``linear``); the dense model keeps its own ``F.linear``.
+
 Each row also times two reference models through the same layers as the pruned one (the fused
 attention op instead of the dense model's own attention): ``full_width``, the model "pruned" to
 all its units, and the *skeleton*, pruned to one unit per pair — everything that does not shrink
@@ -39,7 +42,7 @@ import torch
 FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
           "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
           "skeleton_per_s", "skeleton_flops_ratio", "proportional", "full_width_per_s", "efficiency_vs_full_width",
-          "latency_predicted", "malloc", "widths")
+          "latency_predicted", "malloc", "linear", "widths")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -210,7 +213,7 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     "full_width_per_s": round(b / sec["full_width"], 3) if references else float("nan"),
                     "efficiency_vs_full_width": round(vs_full, 3),
                     "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
-                    "malloc": malloc_setting(),
+                    "malloc": malloc_setting(), "linear": linear_setting(device, dtype),
                     "widths": " ".join(str(w) for w in masks.widths().values())})
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
@@ -218,6 +221,18 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                         f"vs the full-width model {vs_full:.2f}, proportional {prop:.2f})")
             del small
     return rows
+
+
+def linear_setting(device, dtype) -> str:
+    """What the pruned and reference models' unmasked products run on (``spp_kernels.linear``):
+    "onednn" (fp32 on x86 CPUs, above its size threshold) or "aten" (``F.linear``). The dense
+    model keeps its own layers, so with "onednn" its speed-up includes that GEMM's gain: column
+    ``efficiency_vs_full_width`` is the one that measures pruning alone."""
+    import spp_kernels
+
+    on = (torch.device(device).type == "cpu" and dtype == torch.float32
+          and os.environ.get("SPP_BACKEND", "").strip().lower() != "torch" and spp_kernels.onednn_status()[0])
+    return "onednn" if on else "aten"
 
 
 def write_csv(rows: list[dict], file: str) -> None:

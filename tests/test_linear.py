@@ -110,8 +110,9 @@ def test_info_reports_the_linear(fresh_state):
 
 def test_bad_arguments_raise_like_f_linear():
     x, W = torch.randn(4, 8), torch.randn(3, 8)
-    with pytest.raises(ValueError, match="act must be one of"):
-        spp_kernels.linear(x, W, None, "tanh")
+    for bad in ("tanh", ["gelu"], 1):
+        with pytest.raises(ValueError, match="act must be one of"):
+            spp_kernels.linear(x, W, None, bad)
     with torch.no_grad(), pytest.raises(RuntimeError):
         spp_kernels.linear(torch.randn(4, 9), W)
     with torch.no_grad(), pytest.raises(RuntimeError):

@@ -36,19 +36,41 @@ class MaskSlot:
         return self.arena.active[self.name]
 
 
-def run_linear(lin: nn.Module, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
-    """``act(lin(x))`` through ``spp_kernels.linear`` (the fastest GEMM for an unmasked product:
-    oneDNN for fp32 on x86 CPUs) when ``lin`` is a plain ``nn.Linear`` with no hooks; any other
-    module (a LoRA wrapper, a quantised linear, one with hooks) is called as it is."""
+def run_linear(lin: nn.Module, x: torch.Tensor, act: Optional[str] = None,
+               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(lin(x)) + residual`` through ``spp_kernels.linear`` (the fastest GEMM for an unmasked
+    product: oneDNN for fp32 on x86 CPUs, the residual in its epilogue) when ``lin`` is a plain
+    ``nn.Linear`` with no hooks; any other module (a LoRA wrapper, a quantised linear, one with
+    hooks) is called as it is."""
     if type(lin) is nn.Linear and not (lin._forward_hooks or lin._forward_pre_hooks or _global_hooks()):
-        return spp_kernels.linear(x, lin.weight, lin.bias, act)
+        return spp_kernels.linear(x, lin.weight, lin.bias, act, residual)
     y = lin(x)
-    return y if act is None else spp_kernels.reference.activation(act)(y)
+    y = y if act is None else spp_kernels.reference.activation(act)(y)
+    return y if residual is None else y + residual
 
 
 def _global_hooks() -> bool:
     m = nn.modules.module
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def _output(adds_input: bool, lin: nn.Module, h: torch.Tensor, x: torch.Tensor, drop: nn.Dropout) -> torch.Tensor:
+    """``drop(lin(h))``, plus ``x`` when ``adds_input`` (in the GEMM's epilogue where dropout is off)."""
+    if not adds_input:
+        return drop(run_linear(lin, h))
+    if drop.training and drop.p > 0:
+        return drop(run_linear(lin, h)) + x
+    return run_linear(lin, h, residual=x)
+
+
+def fuse_residual(attn: "MaskedAttention", mlp: "MaskedMlp", attn_drop: float, mlp_drop: float) -> None:
+    """Make a pruned block's pairs add their own input to their output (``adds_input``), with the
+    dropout that the block applied before its residual add, for a post-norm block (BERT) whose
+    ``LayerNorm(dropout(pair(x)) + x)`` then becomes ``LayerNorm(pair(x))``: the add rides in
+    the second GEMM's epilogue instead of costing a pass over the activations."""
+    attn.adds_input, mlp.adds_input = True, True
+    attn.out_drop = nn.Dropout(attn_drop).train(attn.training)  # a new module starts in training mode
+    mlp.drop = nn.Dropout(mlp_drop).train(mlp.training)
 
 
 def _head_col2unit(heads: int, width: int, device=None) -> torch.Tensor:
@@ -62,7 +84,12 @@ class MaskedAttention(nn.Module):
 
     q: Linear(d, H*qk_dim); k: Linear(d, H*qk_dim); v: Linear(d, H*v_dim); o: Linear(H*v_dim, d_out).
     ``forward_core(x (B, N, d), attn_mask, is_causal) -> (B, N, d_out)``.
+
+    ``adds_input`` (False unless an adapter sets it, see :func:`fuse_residual`): also add the
+    input x to the output — the block's residual connection, taken into W_o's GEMM.
     """
+
+    adds_input = False
 
     def __init__(
         self,
@@ -109,7 +136,7 @@ class MaskedAttention(nn.Module):
         v = self._proj(self.v, x, self.vo_slot, self.v_col2unit).view(B, N, H, self.v_dim).transpose(1, 2)
         ctx = self._attend(q, k, v, attn_mask, is_causal, bias)
         ctx = ctx.transpose(1, 2).reshape(B, N, H * self.v_dim)
-        return self.out_drop(run_linear(self.o, ctx))
+        return _output(self.adds_input, self.o, ctx, x, self.out_drop)
 
     def _attend(self, q, k, v, attn_mask, is_causal, bias=None):
         """The attention core. Without dropout, with no mask or a key-padding one, and with or
@@ -136,7 +163,8 @@ class MaskedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"
-        return f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
+        return (f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
+                + (", adds its input" if self.adds_input else ""))
 
 
 def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask, **kwargs):
@@ -325,17 +353,20 @@ class MaskedMlp(nn.Module):
         self.slot = slot
         self.drop = nn.Dropout(drop)
 
+    adds_input = False  # see MaskedAttention
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot is None or not self.slot.enabled:
-            return self.drop(run_linear(self.fc2, run_linear(self.fc1, x, self.act)))
-        y = spp_kernels.pair_matmul(
+            return _output(self.adds_input, self.fc2, run_linear(self.fc1, x, self.act), x, self.drop)
+        y = self.drop(spp_kernels.pair_matmul(
             x, self.fc1.weight, self.fc1.bias, self.slot.mask(), self.fc2.weight, self.fc2.bias,
             self.act, self.slot.active(),
-        )
-        return self.drop(y)
+        ))
+        return y + x if self.adds_input else y
 
     def extra_repr(self) -> str:
-        return f"act={self.act}, hidden={self.fc1.out_features}, {'masked' if self.slot is not None else 'pruned'}"
+        return (f"act={self.act}, hidden={self.fc1.out_features}, {'masked' if self.slot is not None else 'pruned'}"
+                + (", adds its input" if self.adds_input else ""))
 
 
 class GatedMaskedMlp(MaskedMlp):
@@ -354,7 +385,7 @@ class GatedMaskedMlp(MaskedMlp):
             h = run_linear(self.fc1, x, self.act)
         else:  # the mask rides in the gate GEMM's epilogue
             h = spp_kernels.masked_linear(x, self.fc1.weight, self.fc1.bias, self.slot.mask(), None, self.act)
-        return self.drop(run_linear(self.fc2, h * run_linear(self.up, x)))
+        return _output(self.adds_input, self.fc2, h * run_linear(self.up, x), x, self.drop)
 
 
 class MaskedLinear(nn.Module):

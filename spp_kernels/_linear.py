@@ -59,9 +59,12 @@ def _decide() -> tuple[bool, str]:
         x = torch.randn(5, 7, generator=g)
         w = torch.randn(3, 7, generator=g)
         b = torch.randn(3, generator=g)
+        r = torch.randn(5, 3, generator=g)
         with torch.no_grad():
             ok = all(torch.allclose(op(x, w, b, attr, [], alg), reference.activation(name)(F.linear(x, w, b)),
                                     rtol=1e-4, atol=1e-5) for name, (attr, alg) in _POST_OPS.items())
+            ok = ok and torch.allclose(torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add"),
+                                       F.linear(x, w, b) + r, rtol=1e-4, atol=1e-5)
     except Exception as exc:  # noqa: BLE001 - any failure means "not available"
         return False, f"mkldnn._linear_pointwise failed its self-test ({type(exc).__name__}: {str(exc)[:120]})"
     if not ok:
@@ -97,17 +100,28 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     return (_state or onednn_status())[0]
 
 
+def _fast_residual(x: torch.Tensor, W: torch.Tensor, residual: torch.Tensor) -> bool:
+    return (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.device.type == "cpu"
+            and residual.is_contiguous() and residual.shape == (*x.shape[:-1], W.shape[0])
+            and not (residual.requires_grad and torch.is_grad_enabled()))
+
+
 def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
-           act: Optional[str] = None) -> torch.Tensor:
-    """``act(x Wᵀ + b)`` (x (..., K), W (N, K), b (N,) or None; ``act`` one of
-    ``spp_kernels.ACTIVATIONS``, None = "none"), as ``F.linear`` computes it up to fp32 rounding.
-    No mask: the pruned model's layers, whose masks are folded into their weights."""
+           act: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(x Wᵀ + b) + residual`` (x (..., K), W (N, K), b (N,) or None; ``act`` one of
+    ``spp_kernels.ACTIVATIONS``, None = "none"; ``residual`` None or broadcastable to the
+    output), as ``F.linear`` computes it up to fp32 rounding. No mask: the pruned model's layers,
+    whose masks are folded into their weights. On oneDNN a residual of the output's shape (and
+    no activation) is added in the GEMM's epilogue, saving a pass over the output."""
     post = _POST_OPS.get("none" if act is None else act) if isinstance(act, (str, type(None))) else None
     if post is None:
         fn = reference.activation(act)  # raises, naming the activations, for an unknown one
     elif _fast(x, W, b):
-        return torch.ops.mkldnn._linear_pointwise(x, W, b, post[0], [], post[1])
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, W, b, post[0], [], post[1])
+        if post[0] == "none" and _fast_residual(x, W, residual):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, W, b, "add")
     y = F.linear(x, W, b)
-    if act is None or act == "none":
-        return y
-    return fn(y) if post is None else reference.ACTIVATIONS[act](y)
+    if act is not None and act != "none":
+        y = fn(y) if post is None else reference.ACTIVATIONS[act](y)
+    return y if residual is None else y + residual

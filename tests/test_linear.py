@@ -165,3 +165,34 @@ def test_pruned_model_exact_on_onednn(family, monkeypatch):
     monkeypatch.setattr(lin_mod, "MIN_MACS", 1 << 62)
     assert not _ran_onednn(lambda: outputs(pruned, batch))
     assert max_err(outputs(pruned, batch), got) <= 1e-5
+
+
+@needs_onednn
+def test_residual_in_the_epilogue(monkeypatch):
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 0)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 41, 29, generator=g)
+    W = torch.randn(384, 29, generator=g)
+    b = torch.randn(384, generator=g)
+    r = torch.randn(3, 41, 384, generator=g)
+    tol = gemm_tol(torch.float32, 29)
+    with torch.no_grad():
+        for bias in (b, None):
+            ref = _ref(x, W, bias, None) + r.double()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                got = spp_kernels.linear(x, W, bias, None, r)
+            assert any("_linear_pointwise" in e.key for e in prof.key_averages())
+            assert not any(e.key == "aten::add" for e in prof.key_averages())  # no separate pass
+            torch.testing.assert_close(got.double(), ref, atol=tol.atol, rtol=tol.rtol)
+        r_before = r.clone()
+        spp_kernels.linear(x, W, b, None, r)
+        assert torch.equal(r, r_before)  # the residual is read, not written
+        # what the epilogue does not take falls back and still computes act(x Wᵀ + b) + residual
+        for act, res in (("gelu", r), (None, r.transpose(0, 1).contiguous().transpose(0, 1)), (None, r[0, 0])):
+            ref = _ref(x, W, b, act) + res.double()
+            torch.testing.assert_close(spp_kernels.linear(x, W, b, act, res).double(), ref, atol=tol.atol,
+                                       rtol=tol.rtol)
+    xg = x.clone().requires_grad_()
+    rg = r.clone().requires_grad_()
+    (spp_kernels.linear(xg, W, b, None, rg) * r).sum().backward()
+    assert torch.equal(rg.grad, r) and xg.grad is not None

@@ -144,6 +144,11 @@ class Adapter:
                 self.install(block, new_attn, new_mlp)
             else:
                 self.replace(block, new_attn, new_mlp)
+            self.finish_pruned(block, new_attn, new_mlp)
+
+    def finish_pruned(self, block: nn.Module, attn: nn.Module, mlp: nn.Module) -> None:
+        """Called on every block of a pruned model (also when :func:`spp.load_pruned` rebuilds one),
+        after its narrow layers are in: e.g. fold the block's residual adds into them."""
 
     def replace(self, block: nn.Module, attn: MaskedAttention, mlp: MaskedMlp) -> None:
         """Swap already-installed layers for new ones."""

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..layers import MaskedAttention, MaskedMlp
+from ..layers import MaskedAttention, MaskedMlp, fuse_residual
 from .base import Adapter
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -20,6 +20,19 @@ class BertMaskedAttention(MaskedAttention):
         if encoder_hidden_states is not None:
             raise ValueError("cross-attention is not supported by the BERT adapter")
         return self.forward_core(hidden_states, attention_mask), None
+
+
+class NormOnly(nn.Module):
+    """A pruned block's BertSelfOutput / BertOutput once its pair adds the residual itself
+    (``adds_input``, in the second GEMM's epilogue, after the dropout this module had):
+    ``LayerNorm(hidden_states)``. Same state-dict keys (``LayerNorm.*``) as the module it replaces."""
+
+    def __init__(self, layer_norm: nn.LayerNorm):
+        super().__init__()
+        self.LayerNorm = layer_norm
+
+    def forward(self, hidden_states, input_tensor=None):
+        return self.LayerNorm(hidden_states)
 
 
 def _encoder(model: nn.Module):
@@ -76,6 +89,18 @@ class BertAdapter(Adapter):
     def replace(self, block, attn, mlp):
         block.attention.self = attn
         block.intermediate = mlp
+
+    def finish_pruned(self, block, attn, mlp):
+        """LayerNorm(dropout(pair(x)) + x) → the pair adds x (in its GEMM) and the block only normalises."""
+        outs = (block.attention.output, block.output)
+        if any(isinstance(o, NormOnly) for o in outs):  # a pruned model pruned again: already done
+            fuse_residual(attn, mlp, attn.out_drop.p, mlp.drop.p)
+            return
+        if any(not isinstance(o.dense, nn.Identity) for o in outs):
+            return  # not the layout install() leaves: keep the block's own residual adds
+        fuse_residual(attn, mlp, block.attention.output.dropout.p, block.output.dropout.p)
+        block.attention.output = NormOnly(block.attention.output.LayerNorm)
+        block.output = NormOnly(block.output.LayerNorm)
 
     def uninstall(self, block, saved):
         block.attention.self, block.attention.output.dense, block.intermediate, block.output.dense = saved

@@ -11,8 +11,8 @@ at about half oneDNN's speed, and at a third to a quarter on the narrow widths p
 cost (about 10 µs) outweighs the gain, so small products stay on ``F.linear``.
 
 The plain path is taken whenever the fast one might change more than rounding: gradients
-(training, fine-tuning), other devices and dtypes, ``torch.compile`` / tracing, and an active
-dispatch mode (``FlopCounterMode`` must count these products). ``SPP_BACKEND=torch`` or
+(training, fine-tuning), other devices and dtypes, ``torch.compile`` / tracing, torch.func
+transforms and an active dispatch mode (``FlopCounterMode`` must count these products). ``SPP_BACKEND=torch`` or
 ``SPP_ONEDNN_LINEAR=0`` keeps every product on ``F.linear``.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ _state: Optional[tuple[bool, str]] = None  # (available, why), decided on first 
 
 _F32 = torch.float32
 _compiling = torch.compiler.is_compiling
+_func_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 except ImportError:  # pragma: no cover - every torch we support has it
@@ -89,6 +90,8 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
         return False  # (a size mismatch: F.linear says what is wrong)
     if x.device.type != "cpu" or W.device.type != "cpu" or type(x) is not torch.Tensor:
         return False  # other devices; tensor subclasses (fake tensors, …)
+    if _func_wrapped(x) or _func_wrapped(W):
+        return False  # inside a torch.func transform (vmap, grad, jvp)
     if b is not None and (b.dtype is not _F32 or b.device.type != "cpu" or b.shape != (W.shape[0],)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or (b is not None and b.requires_grad)):

@@ -196,3 +196,18 @@ def test_residual_in_the_epilogue(monkeypatch):
     rg = r.clone().requires_grad_()
     (spp_kernels.linear(xg, W, b, None, rg) * r).sum().backward()
     assert torch.equal(rg.grad, r) and xg.grad is not None
+
+
+@needs_onednn
+def test_torch_func_transforms_keep_f_linear(monkeypatch):
+    """vmap / grad see F.linear (the oneDNN op has no batching rule or derivative)."""
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 0)
+    g = torch.Generator().manual_seed(3)
+    x, W, b = torch.randn(5, 6, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    with torch.no_grad():
+        got = torch.func.vmap(lambda t: spp_kernels.linear(t, W, b, "gelu"))(x)
+    torch.testing.assert_close(got, F.gelu(F.linear(x, W, b)))
+    gx = torch.func.grad(lambda t: spp_kernels.linear(t, W, b, "silu").sum())(x)
+    xr = x.clone().requires_grad_()
+    F.silu(F.linear(xr, W, b)).sum().backward()
+    torch.testing.assert_close(gx, xr.grad)

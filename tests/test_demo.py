@@ -9,7 +9,8 @@ import pytest
 from spp.demo import DemoConfig, run
 
 ROW_FIELDS = {"method", "stage", "target_params", "pair_params_kept", "params", "params_ratio", "flops_per_token",
-              "flops_ratio", "sentences_per_s", "speedup", "cosine", "top1_agreement", "recall_at_10",
+              "flops_ratio", "sentences_per_s", "speedup", "speedup_vs_full_width", "cosine", "top1_agreement",
+              "recall_at_10",
               "paraphrase_stability", "widths"}
 METHODS = ("spp", "magnitude", "random", "taylor", "activation")
 
@@ -31,6 +32,10 @@ def test_report_files_and_fields(report):
         on_disk = json.load(f)
     assert on_disk["rows"] == json.loads(json.dumps(rep["rows"]))
     assert {"params", "flops_per_token", "sentences_per_s"} <= set(rep["dense"])
+    assert rep["full_width"]["sentences_per_s"] > 0 and rep["full_width"]["linear"] in ("onednn", "aten")
+    with open(out / "report.md") as f:
+        md = f.read()
+    assert "vs full width" in md and "at full width through spp's layers" in md
     assert {"fraction_entered", "distinct_entry_steps", "entry_step_q10_q50_q90", "degenerate"} <= set(
         rep["search"]["diagnostics"])
     pruned = {(r["method"], r["target_params"]) for r in rep["rows"] if r["stage"] == "pruned"}
@@ -51,6 +56,9 @@ def test_report_numbers_are_consistent(report):
         assert r["params"] < dense["params"] and r["flops_per_token"] < dense["flops_per_token"]
         assert -1.0 <= r["cosine"] <= 1.0 and 0.0 <= r["top1_agreement"] <= 1.0
         assert r["sentences_per_s"] > 0
+        # the two speed-ups are the same throughput over two references
+        assert math.isclose(r["speedup"] / r["speedup_vs_full_width"],
+                            rep["full_width"]["sentences_per_s"] / rep["dense"]["sentences_per_s"], rel_tol=1e-9)
     for m in METHODS:
         by_ratio = {r["target_params"]: r for r in rep["rows"] if r["method"] == m and r["stage"] == "pruned"}
         assert by_ratio[0.7]["params"] > by_ratio[0.5]["params"] > by_ratio[0.3]["params"]

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <optional>
 #include <string>
 
 namespace spp_ext {
@@ -35,6 +36,9 @@ void epilogue_forward(const at::Tensor& pre, const at::Tensor& mvec, Act act, at
 // result does not depend on the thread count) and gh <- g_in * mvec * act'(pre); gh may be g_in.
 void epilogue_backward(const at::Tensor& g_in, at::Tensor& gh, const at::Tensor& pre, const at::Tensor& mvec, Act act,
                        at::Tensor& dm);
+
+// a (T, K) · bᵀ (+ bias) for b (N, K) of any strides: oneDNN where enabled (linear.cpp), else the BLAS.
+at::Tensor linear_nt(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
 
 // The fp32, contiguous version of t (no copy when it already is).
 inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }

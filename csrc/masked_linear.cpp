@@ -1,4 +1,4 @@
-// masked_linear on CPU: one fp32 GEMM (at::addmm) followed by a fused bias-free
+// masked_linear on CPU: one fp32 GEMM (linear_nt: oneDNN or the BLAS) followed by a fused bias-free
 // activation + mask epilogue; backward gives dx and the per-column dm, and dW/db only when asked.
 #include "epilogue.h"
 
@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_cpu(const at::Tensor& x, const 
   TORCH_CHECK_TYPE(mvec.scalar_type() == at::kFloat, "masked_linear: mvec must be float32");
   const Act act = parse_act(std::string(act_name));
   const at::Tensor xf = f32(x), Wf = f32(W), mf = mvec.contiguous();
-  at::Tensor pre = b.has_value() ? at::addmm(f32(*b), xf, Wf.t()) : at::mm(xf, Wf.t());
+  at::Tensor pre = linear_nt(xf, Wf, b.has_value() ? std::optional<at::Tensor>(f32(*b)) : std::nullopt);
   at::Tensor out;
   if (need_pre || x.scalar_type() != at::kFloat) {
     out = at::empty(pre.sizes(), x.options());
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
   at::Tensor g = gin.is_same(grad) ? at::empty_like(gin) : gin;
   at::Tensor dm = at::empty({pre.size(1)}, pre.options());
   epilogue_backward(gin, g, pre.contiguous(), mvec.contiguous(), act, dm);
-  at::Tensor dx = need_dx ? at::mm(g, f32(W)).to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? linear_nt(g, f32(W).t(), std::nullopt).to(x.scalar_type()) : at::empty({0}, x.options());
   at::Tensor dW = need_dW ? at::mm(g.t(), f32(x)).to(W.scalar_type()) : at::empty({0}, W.options());
   at::Tensor db = need_db ? g.sum(0).to(W.scalar_type()) : at::empty({0}, W.options());
   return {dx, dm, dW, db};

@@ -28,6 +28,8 @@ void inclusion_step_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 at::Tensor attention_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                          const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&);
 bool attention_cpu_available();
+void set_linear_backend(bool onednn, int64_t min_macs);
+bool linear_onednn();
 const char* attention_cpu_gemm();
 }  // namespace spp_ext
 
@@ -44,6 +46,9 @@ TORCH_LIBRARY(spp_ext, m) {
         "float eps, float weight_decay, float kappa, float lam, float nu, float step_size, float inv_sqrt_bc2, "
         "float rho, str gamma_mode, str optimizer, bool record, bool check_finite) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? keep, bool causal, Tensor? bias=None) -> Tensor");
+  // which GEMM the plain products of masked_linear / pair_matmul run on (spp_kernels/_ext.py sets it)
+  m.def("set_linear_backend(bool onednn, int min_macs) -> ()", &spp_ext::set_linear_backend);
+  m.def("linear_backend() -> bool", &spp_ext::linear_onednn);
 }
 
 TORCH_LIBRARY_IMPL(spp_ext, CPU, m) {

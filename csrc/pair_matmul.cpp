@@ -1,5 +1,5 @@
 // pair_matmul on CPU over already-gathered active units: GEMM, fused bias/activation/mask
-// epilogue, GEMM. The Python side gathers (and caches) the active rows of W1 / columns of W2.
+// epilogue, GEMM (linear_nt: oneDNN or the BLAS). The Python side gathers (and caches) the active rows of W1 / columns of W2.
 #include "epilogue.h"
 
 namespace spp_ext {
@@ -16,10 +16,10 @@ std::tuple<at::Tensor, at::Tensor> pair_matmul_cpu(const at::Tensor& x, const at
   TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "pair_matmul: m must be float32");
   const Act act = parse_act(std::string(act_name));
   const at::Tensor xf = f32(x), W1f = f32(W1), W2f = f32(W2), mf = m.contiguous();
-  at::Tensor pre = b1.has_value() ? at::addmm(f32(*b1), xf, W1f.t()) : at::mm(xf, W1f.t());
+  at::Tensor pre = linear_nt(xf, W1f, b1.has_value() ? std::optional<at::Tensor>(f32(*b1)) : std::nullopt);
   at::Tensor h = need_pre ? at::empty_like(pre) : pre;
   epilogue_forward(pre, mf, act, h);
-  at::Tensor out = b2.has_value() ? at::addmm(f32(*b2), h, W2f.t()) : at::mm(h, W2f.t());
+  at::Tensor out = linear_nt(h, W2f, b2.has_value() ? std::optional<at::Tensor>(f32(*b2)) : std::nullopt);
   return {out.to(x.scalar_type()), need_pre ? pre : at::empty({0}, pre.options())};
 }
 
@@ -29,10 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& W2, c10::string_view act_name, bool need_dx, bool need_dW) {
   const Act act = parse_act(std::string(act_name));
   const at::Tensor gf = f32(grad), W2f = f32(W2), mf = m.contiguous(), pref = pre.contiguous();
-  at::Tensor gh = at::mm(gf, W2f);  // (T, U): gradient of h = act(pre) * m
+  at::Tensor gh = linear_nt(gf, W2f.t(), std::nullopt);  // (T, U): gradient of h = act(pre) * m
   at::Tensor dm = at::empty({pre.size(1)}, pre.options());
   epilogue_backward(gh, gh, pref, mf, act, dm);  // gh <- gradient of pre
-  at::Tensor dx = need_dx ? at::mm(gh, f32(W1)).to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? linear_nt(gh, f32(W1).t(), std::nullopt).to(x.scalar_type()) : at::empty({0}, x.options());
   const auto fopt = pre.options();
   at::Tensor dW1 = at::empty({0}, fopt), db1 = at::empty({0}, fopt), dW2 = at::empty({0}, fopt), db2 = at::empty({0}, fopt);
   if (need_dW) {

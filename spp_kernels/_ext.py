@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import os
 
+import torch
+
 from . import dispatch
 
 _C = None
@@ -26,6 +28,10 @@ else:
         dispatch.mark_unavailable("ext", f"spp_kernels._C failed to load ({type(exc).__name__}: {exc})")
 if _C is not None:
     with_cuda = bool(getattr(_C, "with_cuda", 0))
+    if hasattr(torch.ops.spp_ext, "set_linear_backend"):  # the CPU ops' plain products: oneDNN where linear() uses it
+        from ._linear import MIN_MACS, onednn_status
+
+        torch.ops.spp_ext.set_linear_backend(onednn_status()[0], MIN_MACS)
     dispatch.register("masked_linear", "ext", ext_ops.masked_linear, devices=("cpu",))
     dispatch.register("pair_matmul", "ext", ext_ops.pair_matmul, devices=("cpu",))
     dispatch.register("inclusion_step", "ext", ext_ops.inclusion_step,

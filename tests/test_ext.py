@@ -412,3 +412,40 @@ def test_info_names_ext_when_built():
         line = next(line for line in r.stdout.splitlines() if line.startswith("cpu") and " attention " in line)
         assert "-> ext" in line and f"products on {_ext._C.attention_gemm}" in line, line
         assert _ext._C.attention_gemm in ("brgemm", "blas")
+
+
+@pytest.fixture
+def ext_linear_backend():
+    """Set the CPU ops' product backend for one test, and put back what spp_kernels chose."""
+    from spp_kernels._linear import MIN_MACS, onednn_status
+
+    yield torch.ops.spp_ext.set_linear_backend
+    torch.ops.spp_ext.set_linear_backend(onednn_status()[0], MIN_MACS)
+
+
+@needs_ext
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+def test_gemm_ops_on_both_product_backends(onednn, ext_linear_backend):
+    """masked_linear / pair_matmul forward and backward vs the float64 oracle with every plain
+    product on oneDNN (threshold 0) and with none."""
+    from spp_kernels._linear import onednn_status
+
+    if onednn and not onednn_status()[0]:
+        pytest.skip(onednn_status()[1])
+    ext_linear_backend(onednn, 0)
+    assert torch.ops.spp_ext.linear_backend() == onednn
+    x, W1, b1, m, W2, b2 = _pair_case(7, 40, 52, 40, torch.float32, seed=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ext().pair_matmul(x, W1, b1, m, W2, b2, "gelu", None)
+    assert any("_linear_pointwise" in e.key for e in prof.key_averages()) == onednn
+    for act in ACTS:
+        check_pair(7, 40, 52, 40, torch.float32, act, "partial", seed=5)
+        check_pair(23, 52, 31, 40, torch.float32, act, "none", seed=6, batch=False)
+    x, W, b, m, col2unit = _masked_linear_case(9, 40, 52, torch.float32, "gelu", 13, seed=4)
+    xg = x.clone().requires_grad_()
+    y = ext().masked_linear(xg, W, b, m, col2unit, "gelu")
+    assert_close(y, oracle_masked_linear(x, W, b, m, col2unit, "gelu"), torch.float32, 40, msg="masked_linear")
+    y.sum().backward()
+    x64 = x.double().requires_grad_()
+    oracle_masked_linear(x64, W.double(), b.double(), m, col2unit, "gelu").sum().backward()
+    assert_close(xg.grad, x64.grad, torch.float32, 40, 52, msg="dx")

@@ -1,8 +1,7 @@
 """``linear(x, W, b, act)``: ``act(x Wᵀ + b)`` for the unmasked layers of pruned models, on the
 fastest GEMM the machine offers.
 
-On x86-64 CPUs, for fp32 products that need no gradient and are large enough, the product runs
-as one oneDNN matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU
+On x86-64 CPUs, for fp32 products large enough, the product runs as one oneDNN matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU
 backend uses) with the bias and the activation fused in its epilogue; everywhere else it is
 ``F.linear`` followed by the activation. Why: PyTorch's fp32 ``F.linear`` on CPU calls the BLAS
 it was built with, and on the CPUs we measured (AMD EPYC, MKL) that BLAS takes a path that runs
@@ -10,10 +9,11 @@ at about half oneDNN's speed, and at a third to a quarter on the narrow widths p
 (``benchmarks/bench_linear.py``). Below :data:`MIN_MACS` multiply-adds the primitive's fixed
 cost (about 10 µs) outweighs the gain, so small products stay on ``F.linear``.
 
-The plain path is taken whenever the fast one might change more than rounding: gradients
-(training, fine-tuning), other devices and dtypes, ``torch.compile`` / tracing, torch.func
-transforms and an active dispatch mode (``FlopCounterMode`` must count these products). ``SPP_BACKEND=torch`` or
-``SPP_ONEDNN_LINEAR=0`` keeps every product on ``F.linear``.
+Where gradients are needed (fine-tuning a pruned model) the forward runs unfused on oneDNN and
+the backward's products (dx, dW) too. The plain path is taken whenever the fast one might change
+more than rounding: other devices and dtypes, ``torch.compile`` / tracing, torch.func
+transforms and an active dispatch mode (``FlopCounterMode`` must count these products).
+``SPP_BACKEND=torch`` or ``SPP_ONEDNN_LINEAR=0`` keeps every product on ``F.linear``.
 """
 from __future__ import annotations
 
@@ -94,13 +94,42 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
         return False  # inside a torch.func transform (vmap, grad, jvp)
     if b is not None and (b.dtype is not _F32 or b.device.type != "cpu" or b.shape != (W.shape[0],)):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or (b is not None and b.requires_grad)):
-        return False
     if _compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     if os.environ.get("SPP_BACKEND", "").strip().lower() == "torch":
         return False
     return (_state or onednn_status())[0]
+
+
+def _needs_grad(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or (b is not None and b.requires_grad))
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x Wᵀ + b on oneDNN with its backward on oneDNN too (fine-tuning a pruned model): dx = g W
+    and dW = gᵀ x as the same primitive on transposed views, db = Σ g."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W)
+        ctx.has_bias = b is not None
+        return torch.ops.mkldnn._linear_pointwise(x, W, b, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, W = ctx.saved_tensors
+        op = torch.ops.mkldnn._linear_pointwise
+        g = g.contiguous()
+        dx = dW = db = None
+        if ctx.needs_input_grad[0]:
+            dx = op(g, W.t(), None, "none", [], "")
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dW = op(g2.t(), x.reshape(-1, x.shape[-1]).t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dW, db
 
 
 def _fast_residual(x: torch.Tensor, W: torch.Tensor, residual: torch.Tensor) -> bool:
@@ -120,6 +149,11 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
     if post is None:
         fn = reference.activation(act)  # raises, naming the activations, for an unknown one
     elif _fast(x, W, b):
+        if _needs_grad(x, W, b):  # training: the products on oneDNN, activation and residual in torch
+            y = _OneDNNLinear.apply(x, W, b)
+            if act is not None and act != "none":
+                y = reference.ACTIVATIONS[act](y)
+            return y if residual is None else y + residual
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, W, b, post[0], [], post[1])
         if post[0] == "none" and _fast_residual(x, W, residual):

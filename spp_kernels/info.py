@@ -22,7 +22,11 @@ def report() -> str:
                 reason += f"; fp32 forward fused, its products on {_ext_attention_gemm()}"
             lines.append(f"{dev:5s} {op:15s} -> {backend:6s} ({reason})")
     ok, why = onednn_status()
-    lines.append(f"{'cpu':5s} {'linear':15s} -> {'onednn' if ok else 'torch':6s} (fp32 products of pruned layers; {why})")
+    from . import _ext
+
+    ext_too = _ext.available and hasattr(torch.ops.spp_ext, "linear_backend") and torch.ops.spp_ext.linear_backend()
+    what = "fp32 products of pruned layers" + (" and of the ext ops' GEMMs" if ext_too else "")
+    lines.append(f"{'cpu':5s} {'linear':15s} -> {'onednn' if ok else 'torch':6s} ({what}; {why})")
     return "\n".join(lines)
 
 

@@ -3,7 +3,10 @@
 For each model, kept-FLOPs target (0.7 / 0.5 / 0.3), ``round_to`` (1 and 8) and batch (1 and 64):
 the FLOPs ratio counted by FlopCounterMode (SDPA's math kernel, so attention is counted), the
 ideal speed-up 1 / FLOPs ratio, the measured speed-up (median of interleaved repeats, dense and
-pruned alternating) and the efficiency = measured / ideal.
+pruned alternating) and the efficiency = measured / ideal; also, timed in the same rounds, the
+model at full width and the skeleton through the pruned model's layers (column
+``efficiency_vs_full_width`` measures pruning alone: on x86 CPUs those layers run their products
+on oneDNN, column ``linear``, while the dense model keeps ``F.linear``; see spp/bench.py).
 
 Models: ``minilm`` — the real all-MiniLM-L6-v2 with an SPP path searched here (CPU); and random-
 weight ``deit_s``, ``deit_b``, ``bert_base``, ``llama`` stacks whose widths come from a magnitude

@@ -1,13 +1,14 @@
 """``linear(x, W, b, act)``: ``act(x Wᵀ + b)`` for the unmasked layers of pruned models, on the
 fastest GEMM the machine offers.
 
-On x86-64 CPUs, for fp32 products large enough, the product runs as one oneDNN matmul primitive (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU
-backend uses) with the bias and the activation fused in its epilogue; everywhere else it is
+On x86-64 CPUs, for fp32 products large enough, the product runs as one oneDNN matmul
+primitive (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU backend uses) with the
+bias and the activation (or a residual add) fused in its epilogue; everywhere else it is
 ``F.linear`` followed by the activation. Why: PyTorch's fp32 ``F.linear`` on CPU calls the BLAS
 it was built with, and on the CPUs we measured (AMD EPYC, MKL) that BLAS takes a path that runs
 at about half oneDNN's speed, and at a third to a quarter on the narrow widths pruning leaves
 (``benchmarks/bench_linear.py``). Below :data:`MIN_MACS` multiply-adds the primitive's fixed
-cost (about 10 µs) outweighs the gain, so small products stay on ``F.linear``.
+cost (about 15 µs) outweighs the gain, so small products stay on ``F.linear``.
 
 Where gradients are needed (fine-tuning a pruned model) the forward runs unfused on oneDNN and
 the backward's products (dx, dW) too. The plain path is taken whenever the fast one might change
@@ -147,18 +148,18 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
     no activation) is added in the GEMM's epilogue, saving a pass over the output."""
     post = _POST_OPS.get("none" if act is None else act) if isinstance(act, (str, type(None))) else None
     if post is None:
-        fn = reference.activation(act)  # raises, naming the activations, for an unknown one
+        reference.activation(act)  # raises, naming the activations, for an unknown one
     elif _fast(x, W, b):
         if _needs_grad(x, W, b):  # training: the products on oneDNN, activation and residual in torch
-            y = _OneDNNLinear.apply(x, W, b)
-            if act is not None and act != "none":
-                y = reference.ACTIVATIONS[act](y)
-            return y if residual is None else y + residual
-        if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, W, b, post[0], [], post[1])
-        if post[0] == "none" and _fast_residual(x, W, residual):
+            return _finish(_OneDNNLinear.apply(x, W, b), act, residual)
+        if residual is not None and post[0] == "none" and _fast_residual(x, W, residual):
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, W, b, "add")
-    y = F.linear(x, W, b)
+        y = torch.ops.mkldnn._linear_pointwise(x, W, b, post[0], [], post[1])
+        return y if residual is None else y + residual
+    return _finish(F.linear(x, W, b), act, residual)
+
+
+def _finish(y: torch.Tensor, act: Optional[str], residual: Optional[torch.Tensor]) -> torch.Tensor:
     if act is not None and act != "none":
-        y = fn(y) if post is None else reference.ACTIVATIONS[act](y)
+        y = reference.ACTIVATIONS[act](y)
     return y if residual is None else y + residual

@@ -228,11 +228,9 @@ def linear_setting(device, dtype) -> str:
     "onednn" (fp32 on x86 CPUs, above its size threshold) or "aten" (``F.linear``). The dense
     model keeps its own layers, so with "onednn" its speed-up includes that GEMM's gain: column
     ``efficiency_vs_full_width`` is the one that measures pruning alone."""
-    import spp_kernels
+    from spp_kernels._linear import onednn_in_use
 
-    on = (torch.device(device).type == "cpu" and dtype == torch.float32
-          and os.environ.get("SPP_BACKEND", "").strip().lower() != "torch" and spp_kernels.onednn_status()[0])
-    return "onednn" if on else "aten"
+    return "onednn" if onednn_in_use(device, dtype) else "aten"
 
 
 def write_csv(rows: list[dict], file: str) -> None:

@@ -97,9 +97,19 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
         return False
     if _compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
-    if os.environ.get("SPP_BACKEND", "").strip().lower() == "torch":
+    if _torch_forced():
         return False
     return (_state or onednn_status())[0]
+
+
+def _torch_forced() -> bool:
+    return os.environ.get("SPP_BACKEND", "").strip().lower() == "torch"
+
+
+def onednn_in_use(device, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear` may run products of tensors of this device and dtype on oneDNN now
+    (those above :data:`MIN_MACS` multiply-adds, outside the cases that keep ``F.linear``)."""
+    return torch.device(device).type == "cpu" and dtype == _F32 and not _torch_forced() and onednn_status()[0]
 
 
 def _needs_grad(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:

@@ -255,3 +255,13 @@ def test_frozen_weights_get_no_gradient(monkeypatch):
     spp_kernels.linear(x, W, b).sum().backward()
     assert W.grad is None and b.grad is None
     torch.testing.assert_close(x.grad, W.sum(0).expand(4, 9, 16))
+
+
+def test_bench_records_the_route(monkeypatch):
+    from spp.bench import linear_setting
+
+    on = spp_kernels.onednn_status()[0]
+    assert linear_setting("cpu", torch.float32) == ("onednn" if on else "aten")
+    assert linear_setting("cpu", torch.bfloat16) == "aten" and linear_setting("cuda", torch.float32) == "aten"
+    monkeypatch.setenv("SPP_BACKEND", "torch")
+    assert linear_setting("cpu", torch.float32) == "aten"

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import _ext, dispatch
 from ._linear import onednn_status
 
 
 def _ext_attention_gemm() -> str:
-    from . import _ext
-
     return getattr(_ext._C, "attention_gemm", "an unknown GEMM") if _ext.available else "-"
 
 
@@ -22,8 +20,6 @@ def report() -> str:
                 reason += f"; fp32 forward fused, its products on {_ext_attention_gemm()}"
             lines.append(f"{dev:5s} {op:15s} -> {backend:6s} ({reason})")
     ok, why = onednn_status()
-    from . import _ext
-
     ext_too = _ext.available and hasattr(torch.ops.spp_ext, "linear_backend") and torch.ops.spp_ext.linear_backend()
     what = "fp32 products of pruned layers" + (" and of the ext ops' GEMMs" if ext_too else "")
     lines.append(f"{'cpu':5s} {'linear':15s} -> {'onednn' if ok else 'torch':6s} ({what}; {why})")

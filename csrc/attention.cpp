@@ -5,7 +5,9 @@
 // while they are in cache (a vectorised exp of our own, cloned per instruction set) and multiplies
 // them by the head's values, read in place too, straight into the (B, N, H, Dv) output, so that
 // the caller's reshape to (B, N, H·Dv) is a view. Nothing of size N·M leaves the task; no q / k /
-// v / output copies as on the chunked torch route. The products run on torch's batch-reduce GEMM
+// v / output copies as on the chunked torch route. Keys after a batch row's last kept one (the
+// padding of a right-padded batch) are left out of both products and the softmax, so a row costs
+// what its own length does, not the batch's. The products run on torch's batch-reduce GEMM
 // (at::native::cpublas::brgemm: oneDNN's JIT microkernels where torch's build and the CPU allow
 // them, as on this AVX-512 machine, else torch's own GEMM); with a torch too old to have its fp32
 // form, on the BLAS torch links
@@ -18,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <vector>
 
@@ -46,19 +49,44 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace spp_ext {
 namespace {
 
+// Always inlined: a vf16 passed to or returned from a call is in one register in an AVX-512 clone
+// and in memory in the default build of the callee, so an out-of-line helper would garble it.
+#define SPP_INLINE inline __attribute__((always_inline))
+
 // 16 floats as one value: GCC / Clang lower its arithmetic to one AVX-512 register, two AVX2 or
 // four SSE ones, whichever the clone below was compiled for
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
 
-inline vf16 load(const float* p) {
+SPP_INLINE vf16 load(const float* p) {
   vf16 x;
   std::memcpy(&x, p, sizeof x);
   return x;
 }
-inline void store(float* p, vf16 x) { std::memcpy(p, &x, sizeof x); }
-inline vf16 splat(float a) { return vf16{} + a; }
+SPP_INLINE void store(float* p, vf16 x) { std::memcpy(p, &x, sizeof x); }
+SPP_INLINE vf16 splat(float a) { return vf16{} + a; }
+constexpr vi16 kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// the largest lane (NaN lanes lose every comparison) and the sum of the lanes, pairwise
+SPP_INLINE float hmax(vf16 v) {
+  vf16 w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v = w > v ? w : v;
+  return v[0];
+}
+SPP_INLINE float hsum(vf16 v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
 
 // The project builds with -ffp-contract=off (kernels that must match their references exactly);
 // the softmax below may fuse its multiply-adds: a third fewer vector operations in the exp, which
@@ -69,7 +97,7 @@ inline vf16 splat(float a) { return vf16{} + a; }
 // exp(x) by range reduction x = n·ln2 + r, |r| <= ln2/2, e^r by its Taylor polynomial to r^7
 // (truncation below 1e-8 relative) and 2^n through the exponent bits; x below -87.3 (masked keys:
 // -inf) gives 0, NaN stays NaN
-inline vf16 vexp(vf16 x) {
+SPP_INLINE vf16 vexp(vf16 x) {
   const vf16 lo = splat(-87.3f);
   const vf16 t = x * 1.44269504088896341f;
   const vf16 n = (t + 12582912.0f) - 12582912.0f;  // + 1.5·2^23 and back: rounded to an integer
@@ -89,62 +117,77 @@ inline vf16 vexp(vf16 x) {
   return x < lo ? splat(0.0f) : y;
 }
 
-// s[j] <- s[j] + add[j] (an additive score bias row, when given), then -inf where the key padding's
-// bias[j] (0 / -inf, when given) is -inf — whatever s[j] was, so that inf / NaN in a padded key
-// never reaches the row — and the largest of s[0:n] (NaN ignored: it reaches the output through
-// exp anyway); -inf when n == 0
-SPP_CLONES float bias_max(float* s, const float* add, const float* bias, int64_t n) {
+// The softmax of the r rows of a query block's scores S (row stride ld, a multiple of kLanes at
+// least kend rounded up to it), in place, unnormalised: row i's kept keys are j < lim_i (kend, or
+// with causal min(kend, lim0 + i) clamped at 0). Row i of add (row stride add_ld, add_len long; an
+// additive score bias, when given) is added, then -inf set where kbias (the batch row's key padding
+// as 0 / -inf, when given, padded with -inf to whole vectors) is -inf — whatever s[j] was, so that
+// inf / NaN in a padded key never reaches the row; s[j] <- exp(s[j] - max) for j < lim_i and 0 for
+// the rest of the row up to kend, then each row divided by its sum. Rows whose limit does not pass
+// the first kept key (none to attend) get all 0, and the function returns whether there were any. One call per block: the row loop, the bias,
+// the max and the exp all stay in registers and in this one clone (per-row calls through the
+// clones' indirection cost as much as the exp at MiniLM's key counts), and the lanes past lim_i in
+// the last vector are set to -inf, so neither the max nor the exp needs a scalar tail.
+SPP_CLONES bool softmax_rows(float* S, int64_t ld, int64_t r, int64_t kend, bool causal, int64_t lim0,
+                             int64_t first, const float* add, int64_t add_ld, int64_t add_len, const float* kbias) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  vf16 acc = splat(ninf);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    vf16 x = load(s + j);
-    if (add != nullptr) x = x + load(add + j);
-    if (bias != nullptr) {
-      const vf16 bj = load(bias + j);
-      x = bj < 0.0f ? bj : x;
+  bool without = false;
+  for (int64_t i = 0; i < r; ++i) {
+    float* s = S + i * ld;
+    const int64_t lim = causal ? std::clamp<int64_t>(lim0 + i, 0, kend) : kend;
+    if (lim <= first) {
+      std::fill(s, s + kend, 0.0f);
+      without = true;
+      continue;
     }
-    if (add != nullptr || bias != nullptr) store(s + j, x);
-    acc = x > acc ? x : acc;
+    const float* a = add != nullptr ? add + i * add_ld : nullptr;
+    const int64_t whole = lim / kLanes * kLanes;
+    vf16 acc = splat(ninf);
+    for (int64_t j = 0; j < whole; j += kLanes) {
+      vf16 x = load(s + j);
+      if (a != nullptr) x = x + load(a + j);
+      if (kbias != nullptr) {
+        const vf16 bj = load(kbias + j);
+        x = bj < 0.0f ? bj : x;
+      }
+      if (a != nullptr || kbias != nullptr) store(s + j, x);
+      acc = x > acc ? x : acc;
+    }
+    if (whole < lim) {  // the last vector: lanes past lim -inf (kbias is padded; add ends at its row's M)
+      vf16 x = load(s + whole);
+      if (a != nullptr) {
+        if (whole + kLanes <= add_len) {
+          x = x + load(a + whole);
+        } else {
+          float tail[kLanes] = {};
+          std::copy(a + whole, a + add_len, tail);
+          x = x + load(tail);
+        }
+      }
+      if (kbias != nullptr) {
+        const vf16 bj = load(kbias + whole);
+        x = bj < 0.0f ? bj : x;
+      }
+      x = kIota + static_cast<int32_t>(whole) < static_cast<int32_t>(lim) ? x : splat(ninf);
+      store(s + whole, x);
+      acc = x > acc ? x : acc;
+    }
+    const float mx = hmax(acc);
+    const int64_t span = whole < lim ? whole + kLanes : whole;
+    vf16 sum = {};
+    for (int64_t j = 0; j < span; j += kLanes) {
+      const vf16 y = vexp(load(s + j) - mx);
+      store(s + j, y);
+      sum += y;
+    }
+    const float f = 1.0f / hsum(sum);
+    for (int64_t j = 0; j < span; j += kLanes) store(s + j, load(s + j) * f);
+    if (span < kend) std::fill(s + span, s + kend, 0.0f);  // (causal rows short of the block's keys)
   }
-  float mx = ninf;
-  for (; j < n; ++j) {
-    if (add != nullptr) s[j] += add[j];
-    if (bias != nullptr && bias[j] < 0.0f) s[j] = bias[j];
-    mx = s[j] > mx ? s[j] : mx;
-  }
-  for (int l = 0; l < kLanes; ++l) mx = acc[l] > mx ? acc[l] : mx;
-  return mx;
-}
-
-// s[j] <- exp(s[j] - mx) for j < n; returns their sum
-SPP_CLONES float exp_sum(float* s, int64_t n, float mx) {
-  vf16 acc = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const vf16 y = vexp(load(s + j) - mx);
-    store(s + j, y);
-    acc += y;
-  }
-  float sum = 0.0f;
-  if (j < n) {  // the tail through a padded copy
-    float tail[kLanes];
-    std::fill(tail, tail + kLanes, -std::numeric_limits<float>::infinity());
-    std::copy(s + j, s + n, tail);
-    const vf16 y = vexp(load(tail) - mx);
-    store(tail, y);
-    std::copy(tail, tail + (n - j), s + j);
-    acc += y;
-  }
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  return sum;
+  return without;
 }
 
 #pragma GCC pop_options
-
-SPP_CLONES void scale_row(float* o, int64_t n, float f) {
-  for (int64_t c = 0; c < n; ++c) o[c] *= f;
-}
 
 // C (m, n) = A (m, k) B (k, n), all row-major with leading dimensions lda, ldb, ldc; C is written,
 // not read. brgemm where torch has it, except for a single output column (P·V at Dv = 1), where
@@ -222,27 +265,33 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const float* BIAS = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const int64_t Bb = bias.defined() ? bias.size(0) : 1, Hb = bias.defined() ? bias.size(1) : 1;
   float* O = out.data_ptr<float>();
-  // per batch row: the key padding as a 0 / -inf score bias, and the first kept key (a query row
-  // has keys when its causal limit passes it)
-  std::vector<int64_t> first(B, 0);
-  std::vector<float> kbias;
+  // per batch row: the key padding as a 0 / -inf score bias, the first kept key (a query row has
+  // keys when its causal limit passes it) and the end of the kept keys: the keys after it (a
+  // right-padded batch's padding) take no part in the products or the softmax at all
+  std::vector<int64_t> first(B, 0), end(B, M);
+  const int64_t ldmax = (M + kLanes - 1) / kLanes * kLanes;  // M rounded up to whole vectors
+  std::vector<float> kbias;  // (B, ldmax), -inf past M
   if (KEEP != nullptr) {
-    kbias.resize(static_cast<size_t>(B * M));
+    kbias.assign(static_cast<size_t>(B * ldmax), -std::numeric_limits<float>::infinity());
     for (int64_t b = 0; b < B; ++b) {
       const bool* kb = KEEP + b * M;
       first[b] = std::find(kb, kb + M, true) - kb;
-      for (int64_t j = 0; j < M; ++j) kbias[b * M + j] = kb[j] ? 0.0f : -std::numeric_limits<float>::infinity();
+      end[b] = first[b] == M ? 0 : M - (std::find(std::reverse_iterator<const bool*>(kb + M),
+                                                   std::reverse_iterator<const bool*>(kb), true) -
+                                        std::reverse_iterator<const bool*>(kb + M));
+      for (int64_t j = 0; j < M; ++j) kbias[b * ldmax + j] = kb[j] ? 0.0f : -std::numeric_limits<float>::infinity();
     }
   }
-  // query rows per task: their scores within 256 KiB, at most 64 rows
-  const int64_t rows = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(M, 1), 1, 64);
+  // query rows per task: their scores within 256 KiB, at most 64 rows, fewer (down to 16) where
+  // that would leave under 4 tasks per thread
+  int64_t rows = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(ldmax, 1), 1, 64);
+  while (rows > 16 && B * H * ((N + rows - 1) / rows) < 4 * at::get_num_threads()) rows /= 2;
   const int64_t blocks = (N + rows - 1) / rows;
   const float fscale = static_cast<float>(scale);
   const int64_t ldo = H * Dv;
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S(static_cast<size_t>(rows * std::max<int64_t>(M, 1)));
+    std::vector<float> S(static_cast<size_t>(rows * std::max<int64_t>(ldmax, 1)));
     std::vector<float> KT(static_cast<size_t>(D * M));
-    std::vector<float> inv(static_cast<size_t>(rows));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (H * blocks), h = (t / blocks) % H, i0 = (t % blocks) * rows;
       const int64_t r = std::min(rows, N - i0);
@@ -251,42 +300,30 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
       const float* vp = V + b * v.stride(0) + h * v.stride(1);
       float* op = O + (b * N + i0) * ldo + h * Dv;
       const float* bp = BIAS != nullptr ? BIAS + (((b % Bb) * Hb + h % Hb) * N + i0) * M : nullptr;
-      // keys any row of the block may see
-      const int64_t kend = causal ? std::clamp<int64_t>(i0 + r + M - N, 0, M) : M;
-      if (kend > 0) {
-        if (D > 0) {  // S (r, kend) = Q (scale · K)ᵀ, the scaled keys transposed into KT (D, kend)
-          for (int64_t j = 0; j < kend; ++j) {
-            const float* kj = kp + j * k.stride(2);
-            for (int64_t d = 0; d < D; ++d) KT[d * kend + j] = kj[d] * fscale;
-          }
-          mm(r, kend, D, qp, q.stride(2), KT.data(), kend, S.data(), kend);
-        } else {
-          std::fill(S.begin(), S.begin() + r * kend, 0.0f);
-        }
-      }
-      for (int64_t i = 0; i < r; ++i) {
-        float* s = S.data() + i * kend;
-        const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + M - N + 1, 0, kend) : kend;
-        if (lim <= first[b]) {  // no key for this query: P = 0, output 0
-          std::fill(s, s + kend, 0.0f);
-          inv[i] = 0.0f;
-          continue;
-        }
-        const float mx = bias_max(s, bp != nullptr ? bp + i * M : nullptr, KEEP != nullptr ? kbias.data() + b * M : nullptr, lim);
-        inv[i] = 1.0f / exp_sum(s, lim, mx);
-        std::fill(s + lim, s + kend, 0.0f);
-      }
-      if (kend > 0) {  // O (r, Dv) = P V, rows H·Dv apart in the output
-        mm(r, Dv, kend, S.data(), kend, vp, v.stride(2), op, ldo);
-        for (int64_t i = 0; i < r; ++i) {
-          if (inv[i] == 0.0f) {  // a row without keys: exactly 0, also where V holds inf / NaN
-            std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
-          } else {
-            scale_row(op + i * ldo, Dv, inv[i]);
-          }
-        }
-      } else {
+      // keys any row of the block may see; the scores' rows padded to whole vectors
+      const int64_t kend = std::min(causal ? std::clamp<int64_t>(i0 + r + M - N, 0, M) : M, end[b]);
+      const int64_t ld = (kend + kLanes - 1) / kLanes * kLanes;
+      if (kend == 0) {
         for (int64_t i = 0; i < r; ++i) std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
+        continue;
+      }
+      if (D > 0) {  // S (r, kend) = Q (scale · K)ᵀ, the scaled keys transposed into KT (D, kend)
+        for (int64_t j = 0; j < kend; ++j) {
+          const float* kj = kp + j * k.stride(2);
+          for (int64_t d = 0; d < D; ++d) KT[d * kend + j] = kj[d] * fscale;
+        }
+        mm(r, kend, D, qp, q.stride(2), KT.data(), kend, S.data(), ld);
+      } else {
+        for (int64_t i = 0; i < r; ++i) std::fill(S.data() + i * ld, S.data() + i * ld + kend, 0.0f);
+      }
+      const bool without = softmax_rows(S.data(), ld, r, kend, causal, i0 + M - N + 1, first[b], bp, M, M,
+                                        KEEP != nullptr ? kbias.data() + b * ldmax : nullptr);
+      mm(r, Dv, kend, S.data(), ld, vp, v.stride(2), op, ldo);  // O (r, Dv) = P V, rows H·Dv apart
+      if (without) {  // rows without keys: exactly 0, also where V holds inf / NaN
+        for (int64_t i = 0; i < r; ++i) {
+          const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + M - N + 1, 0, kend) : kend;
+          if (lim <= first[b]) std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
+        }
       }
     }
   });

@@ -78,6 +78,34 @@ def test_forward_matches_the_oracle(case):
         assert torch.all(out[:, :, : N - M] == 0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padded_batches_skip_their_padding_exactly(causal):
+    """A right-padded batch (keys after each row's last kept one take no part in the products): rows
+    of every length from none to all, holes inside the kept range, inf / NaN in the padding, with
+    N != M, a bias, and query blocks both single and several (M > 256)."""
+    for B, H, N, M, D, Dv in [(6, 2, 11, 13, 5, 7), (4, 3, 70, 300, 9, 4)]:
+        q, k, v = projected(B, H, N, M, D, Dv, seed=3)
+        lengths = [0, 1, M // 3, M - 2, M, M // 2][:B]
+        keep = torch.arange(M)[None, :] < torch.tensor(lengths)[:, None]
+        keep[2, 1] = False  # a hole before the end
+        bias = torch.randn(1, H, N, M, generator=torch.Generator().manual_seed(4))
+        kb, vb = k.clone(), v.clone()
+        kb[1, :, 3:] = float("inf")
+        vb[2, :, lengths[2]:] = float("nan")
+        out = fused(q, kb, vb, 0.29, keep, causal, bias)
+        assert torch.isfinite(out).all()
+        assert_close(out, oracle_attention(q, k, v, 0.29, keep, causal, bias), torch.float32, D, M,
+                     msg=f"B{B} M{M} causal={causal}")
+        assert torch.all(out[0] == 0)  # no key at all
+        # the same call without the padding: what the rows of a batch padded to their own length give
+        for b, n in enumerate(lengths):
+            if n == 0 or causal:  # (causal alignment depends on M)
+                continue
+            alone = fused(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], 0.29, keep[b:b + 1, :n], False,
+                          bias[:, :, :, :n].contiguous())
+            assert_close(out[b:b + 1], alone, torch.float32, D, n, msg=f"row {b}")
+
+
 @pytest.mark.parametrize("bb, hb, causal, padding", [(1, 1, False, False), (2, 3, False, True), (4, 1, True, True),
                                                    (1, 3, True, False)])
 def test_forward_with_an_additive_bias(bb, hb, causal, padding):

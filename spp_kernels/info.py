@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, dispatch
-from ._linear import onednn_status
+from ._linear import _torch_forced, onednn_status
 
 
 def _ext_attention_gemm() -> str:
@@ -20,7 +20,9 @@ def report() -> str:
                 reason += f"; fp32 forward fused, its products on {_ext_attention_gemm()}"
             lines.append(f"{dev:5s} {op:15s} -> {backend:6s} ({reason})")
     ok, why = onednn_status()
-    ext_too = _ext.available and hasattr(torch.ops.spp_ext, "linear_backend") and torch.ops.spp_ext.linear_backend()
+    if ok and _torch_forced():
+        ok, why = False, "SPP_BACKEND=torch: F.linear"
+    ext_too = ok and _ext.available and hasattr(torch.ops.spp_ext, "linear_backend") and torch.ops.spp_ext.linear_backend()
     what = "fp32 products of pruned layers" + (" and of the ext ops' GEMMs" if ext_too else "")
     lines.append(f"{'cpu':5s} {'linear':15s} -> {'onednn' if ok else 'torch':6s} ({what}; {why})")
     return "\n".join(lines)

@@ -101,6 +101,17 @@ def test_info_reports_the_linear(fresh_state):
     assert ("-> onednn" in line[0]) == ok and why in line[0]
 
 
+def test_info_says_torch_under_spp_backend_torch(fresh_state, monkeypatch):
+    from spp_kernels.info import report
+
+    monkeypatch.setenv("SPP_BACKEND", "torch")
+    line = [r for r in report().splitlines() if r.split()[1:2] == ["linear"]]
+    assert len(line) == 1 and "-> torch" in line[0] and "SPP_BACKEND=torch" in line[0]
+    x, W = torch.randn(64, 384), torch.randn(384, 384)
+    with torch.no_grad():
+        assert not _ran_onednn(lambda: spp_kernels.linear(x, W))  # what the line says
+
+
 def test_bad_arguments_raise_like_f_linear():
     x, W = torch.randn(4, 8), torch.randn(3, 8)
     for bad in ("tanh", ["gelu"], 1):

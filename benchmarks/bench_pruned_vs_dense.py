@@ -2,8 +2,9 @@
 
 For each model, kept-FLOPs target (0.7 / 0.5 / 0.3), ``round_to`` (1 and 8) and batch (1 and 64):
 the FLOPs ratio counted by FlopCounterMode (SDPA's math kernel, so attention is counted), the
-ideal speed-up 1 / FLOPs ratio, the measured speed-up (median of interleaved repeats, dense and
-pruned alternating) and the efficiency = measured / ideal; also, timed in the same rounds, the
+ideal speed-up 1 / FLOPs ratio, the measured speed-up (medians over rounds in which the models
+take turns, each turn ``--burst`` consecutive calls timed after the first: steady state, as a
+model served on its own runs) and the efficiency = measured / ideal; also, timed in the same rounds, the
 model at full width and the skeleton through the pruned model's layers (column
 ``efficiency_vs_full_width`` measures pruning alone: on x86 CPUs those layers run their products
 on oneDNN, column ``linear``, while the dense model keeps ``F.linear``; see spp/bench.py).
@@ -105,7 +106,7 @@ def run_model(name, args, device, dtype, rows):
         print(f"{name}: latency table measured at batch {max(args.batches)}", flush=True)
     spp.detach(model)  # the dense model runs its own, unmasked modules
     rows += bench.pruned_vs_dense(model, path, inputs, name=name, seq=seq, flops=args.flops, round_to=args.round_to,
-                                  batches=args.batches, repeats=args.repeats, latency_table=table,
+                                  batches=args.batches, repeats=args.repeats, burst=args.burst, latency_table=table,
                                   latency=args.latency or (), references=not args.no_references)
 
 
@@ -117,6 +118,8 @@ def main():
     ap.add_argument("--round-to", nargs="+", type=int, default=None, help="default: 1 8")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--burst", type=int, default=bench.BURST,
+                    help="calls per model turn, the first untimed (1: single interleaved calls, caches cold)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))

@@ -200,10 +200,13 @@ def pruned_tables(path: str) -> list[str]:
     dev += f"; malloc: {', '.join(mallocs)}"
     linears = sorted({r.get("linear") or "aten (not recorded)" for r in rows})
     dev += f"; pruned layers' linears: {', '.join(linears)}"
+    bursts = sorted({r.get("burst") or "1 (not recorded)" for r in rows})
+    dev += f"; calls per turn: {', '.join(bursts)}"
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
              f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _opt(r, "efficiency_vs_full_width"), _opt(r, "proportional")] for r in rows]
-    return [f"**dense vs pruned throughput** ({dev}; side by side; `results/{os.path.basename(path)}`; vs full width: "
+    return [f"**dense vs pruned throughput** ({dev}; side by side, the models taking turns of that many "
+            f"consecutive calls, each timed but the first of a turn of 2 or more; `results/{os.path.basename(path)}`; vs full width: "
             "speedup / ideal against the model through the same layers at full width; proportional: what that "
             "would be if the pairs took exactly their FLOPs share of the full-width time over the measured time "
             "of the model pruned to one unit per pair, the part that does not shrink; see `spp/bench.py`):\n\n"

@@ -2,7 +2,9 @@
 
 FLOPs are counted by torch's FlopCounterMode under SDPA's math kernel (the counter has no formula
 for the CPU flash kernel, which would count dense attention as 0). Times are medians of repeats
-in which the models alternate, so a slow spell of a shared machine hits them alike.
+in which the models take turns, so a slow spell of a shared machine hits them alike; a turn is
+``burst`` consecutive calls (column ``burst``), the first untimed, so that each model is timed
+with its weights in the caches as when it is served on its own (:func:`side_by_side`).
 
 On glibc, :func:`retain_freed_memory` stops the allocator from handing large freed blocks back to
 the kernel. By default each forward at batch 64 re-faults its activations page by page (about
@@ -42,7 +44,14 @@ import torch
 FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
           "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
           "skeleton_per_s", "skeleton_flops_ratio", "proportional", "full_width_per_s", "efficiency_vs_full_width",
-          "latency_predicted", "malloc", "linear", "widths")
+          "latency_predicted", "malloc", "linear", "burst", "widths")
+
+# Calls per turn in side_by_side, the first untimed. On the 2-core dev machine, batch 1, MiniLM
+# pruned to 0.3 of the FLOPs took 6.2 ms a call when its calls alternated with the dense and
+# full-width models' (whose 41 MiB of encoder weights evict its 11 MiB from the 32 MiB L3), 5.4 ms
+# as the second call of a turn and 5.3 ms as the second to fifth; the full-width and dense models,
+# too large for that cache either way, 10.1 and 19.6 ms in all three.
+BURST = 2
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -119,9 +128,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def side_by_side(models: dict, inputs, repeats: int = 7) -> dict:
-    """Seconds per forward of each model: median of ``repeats`` rounds with the models alternating
-    (two warm-up calls each first)."""
+def side_by_side(models: dict, inputs, repeats: int = 7, burst: int = BURST) -> dict:
+    """Seconds per forward of each model in steady state: ``repeats`` rounds in which the models
+    take turns (so that a slow spell of a shared machine hits them alike), each turn ``burst``
+    consecutive calls of which all but the first are timed; the median of the timed calls (two
+    warm-up calls each first). The untimed first call of a turn brings the model's weights back
+    into the caches after the other models' turns, as a deployment that serves one model call
+    after call has them; timing single interleaved calls (``burst=1``) times a small model cold
+    behind a large one (see :data:`BURST`)."""
+    if burst < 1:
+        raise ValueError(f"burst must be >= 1, got {burst}")
     device = next(iter(models.values())).parameters().__next__().device
     for m in models.values():
         call(m, inputs)
@@ -129,11 +145,13 @@ def side_by_side(models: dict, inputs, repeats: int = 7) -> dict:
     times = {k: [] for k in models}
     for _ in range(repeats):
         for k, m in models.items():
-            _sync(device)
-            t = time.perf_counter()
-            call(m, inputs)
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
+            for i in range(burst):
+                _sync(device)
+                t = time.perf_counter()
+                call(m, inputs)
+                _sync(device)
+                if i > 0 or burst == 1:
+                    times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -159,7 +177,7 @@ def skeleton(model, path):
 
 def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, seq: int,
                     flops: Sequence[float] = (0.7, 0.5, 0.3), round_to: Sequence[int] = (1, 8),
-                    batches: Sequence[int] = (1, 64), repeats: int = 7, latency_table=None,
+                    batches: Sequence[int] = (1, 64), repeats: int = 7, burst: int = BURST, latency_table=None,
                     latency: Sequence[float] = (), log: Optional[Callable[[str], None]] = print,
                     references: bool = True) -> list[dict]:
     """Rows of dense vs physically pruned throughput for each target × round_to × batch.
@@ -193,7 +211,7 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                 models = {"dense": model, "pruned": small}
                 if references:
                     models["skeleton"], models["full_width"] = skel, full
-                sec = side_by_side(models, inputs(b), repeats)
+                sec = side_by_side(models, inputs(b), repeats, burst)
                 speed = sec["dense"] / sec["pruned"]
                 prop = vs_full = float("nan")
                 if references:
@@ -213,7 +231,7 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     "full_width_per_s": round(b / sec["full_width"], 3) if references else float("nan"),
                     "efficiency_vs_full_width": round(vs_full, 3),
                     "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
-                    "malloc": malloc_setting(), "linear": linear_setting(device, dtype),
+                    "malloc": malloc_setting(), "linear": linear_setting(device, dtype), "burst": burst,
                     "widths": " ".join(str(w) for w in masks.widths().values())})
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "

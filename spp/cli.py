@@ -321,7 +321,9 @@ def cmd_bench(a) -> int:
 
         table = LatencyTable.load(a.latency_table)
     rows = bench.pruned_vs_dense(model, path, inputs, name=a.model, seq=a.seq, flops=a.flops, round_to=a.round_to,
-                                 batches=a.batches, repeats=a.repeats, latency_table=table, latency=a.latency or ())
+                                 batches=a.batches, repeats=a.repeats,
+                                 burst=bench.BURST if a.burst is None else a.burst, latency_table=table,
+                                 latency=a.latency or ())
     os.makedirs(a.out, exist_ok=True)
     bench.write_csv(rows, os.path.join(a.out, "bench.csv"))
     bench.plot(rows, os.path.join(a.out, "bench.png"))
@@ -462,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq", type=_positive, default=128)
     b.add_argument("--points", type=_positive, default=9, help="--profile: widths per pair type")
     b.add_argument("--repeats", type=_positive, default=7)
+    b.add_argument("--burst", type=_positive, default=None,
+                   help="calls per model turn, the first untimed (default 2; 1: single interleaved calls, caches cold)")
     b.add_argument("--threads", type=_positive, default=None)
     b.add_argument("--malloc", choices=("retain", "default"), default="retain",
                    help="retain (default): glibc keeps freed memory, so no model pays page faults per forward "

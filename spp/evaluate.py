@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import statistics
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -80,18 +79,12 @@ def classifier_metrics(model, dense, batches: Iterable, forward=None) -> dict:
 @torch.no_grad()
 def throughput(models: dict, batch: dict, repeats: int = 3) -> dict:
     """Inputs per second of each model on ``batch`` (a dict of tensors or a tensor), measured
-    interleaved, median of ``repeats`` after one warm-up call each."""
-    call = (lambda m: m(**batch)) if isinstance(batch, dict) else (lambda m: m(batch))
-    times = {k: [] for k in models}
-    for m in models.values():
-        call(m)
-    for _ in range(repeats):
-        for k, m in models.items():
-            t = time.perf_counter()
-            call(m)
-            times[k].append(time.perf_counter() - t)
+    side by side in steady state (:func:`spp.bench.side_by_side`: the models take turns, the
+    median of ``repeats`` turns)."""
+    from .bench import side_by_side
+
     n = (next(iter(batch.values())) if isinstance(batch, dict) else batch).shape[0]
-    return {k: n / statistics.median(v) for k, v in times.items()}
+    return {k: n / s for k, s in side_by_side(models, batch, repeats).items()}
 
 
 def write_rows(rows: list[dict], out_dir: str, name: str = "eval") -> None:

@@ -1,4 +1,6 @@
 """Latency-aware budgets: the latency table (profile, curve, save/load) and path.masks(latency=)."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -156,11 +158,12 @@ def test_cli_profile_then_prune_by_latency_then_bench(bert_dir, tmp_path):
                      "--latency", "0.5"]) == 2  # no table: a one-line error
     out = tmp_path / "bench"
     assert cli.main(["bench", "--model", model, "--path", str(bert_dir / "done"), "--out", str(out), "--flops", "0.5",
-                     "--round-to", "1", "--batches", "1", "--seq", "16", "--repeats", "2", "--malloc", "default",
-                     "--text", str(bert_dir / "s.txt")]) == 0
+                     "--round-to", "1", "--batches", "1", "--seq", "16", "--repeats", "2", "--burst", "3",
+                     "--malloc", "default", "--text", str(bert_dir / "s.txt")]) == 0
     rows = list(csv.DictReader(open(out / "bench.csv")))
     assert len(rows) == 1 and rows[0]["target"] == "flops=0.5"
     assert rows[0]["malloc"] == bench.malloc_setting()  # the allocator setting is recorded (here left as it came)
+    assert rows[0]["burst"] == "3"
     r = rows[0]
     assert 0.4 < float(r["flops_ratio"]) < 1.0 and float(r["speedup"]) > 0
     assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) * float(r["flops_ratio"]), abs=2e-3)
@@ -172,6 +175,33 @@ def test_cli_profile_then_prune_by_latency_then_bench(bert_dir, tmp_path):
         skel_s = 1 / float(r["skeleton_per_s"])
         assert float(r["proportional"]) == pytest.approx(bench.proportional_efficiency(
             float(r["flops_ratio"]), full_s, skel_s, float(r["skeleton_flops_ratio"])), rel=0.02)
+
+
+def test_side_by_side_times_the_calls_after_the_first_of_each_turn():
+    class Timed(torch.nn.Module):
+        """Sleeps ``cold`` s on the first call of a turn (after another model ran), ``warm`` s after."""
+        last = None
+
+        def __init__(self, cold, warm):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.cold, self.warm, self.calls = cold, warm, 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.warm if Timed.last is self else self.cold)
+            Timed.last = self
+            return x
+
+    a, b = Timed(0.03, 0.002), Timed(0.002, 0.002)
+    sec = bench.side_by_side({"a": a, "b": b}, torch.zeros(1), repeats=3, burst=3)
+    assert a.calls == b.calls == 2 + 3 * 3  # two warm-up calls, then 3 turns of 3
+    assert sec["a"] < 0.015 and sec["b"] < 0.015  # the cold first call of a turn is not timed
+    a.calls = 0
+    single = bench.side_by_side({"a": a, "b": b}, torch.zeros(1), repeats=3, burst=1)
+    assert a.calls == 2 + 3 and single["a"] > 0.025  # single interleaved calls: each one cold
+    with pytest.raises(ValueError, match="burst"):
+        bench.side_by_side({"a": a}, torch.zeros(1), burst=0)
 
 
 def test_proportional_efficiency():

@@ -193,6 +193,27 @@ def test_inf_and_nan_at_padding_keys_never_reach_outputs_or_gradients(dtype, rag
     assert torch.all(results[0][2][1, :, 5:] == 0) and torch.all(results[0][3][1, :, 5:] == 0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padded_rows_stop_at_their_last_kept_key(causal):
+    """The kernels stop at each batch row's last kept key: rows whose padding spans whole key
+    blocks (the interpreter's are 32 keys), one with no key, one with a hole, against the float64
+    oracle forward and backward, and the padding's gradients exactly 0."""
+    dtype = torch.float32
+    q, k, v = inputs((5, 2, 75, 7, 10), dtype, seed=5)
+    lengths = torch.tensor([75, 3, 40, 0, 33], device=DEVICE)
+    attn_mask = torch.arange(75, device=DEVICE)[None, :] < lengths[:, None]
+    attn_mask[2, 10] = False  # a hole before the end
+    _, kend = tri._mask_args(q, attn_mask)
+    assert kend.tolist() == [75, 3, 40, 0, 33]
+    check_forward_backward(q, k, v, 0.3, attn_mask, causal, dtype, msg=f"right padded, causal={causal}")
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention(qg, kg, vg, 0.3, attn_mask, causal)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    assert torch.all(out[3] == 0) and torch.all(dq[3] == 0)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(dk[b, :, n:] == 0) and torch.all(dv[b, :, n:] == 0)
+
+
 def test_non_contiguous_inputs():
     """(B, N, H, D) layouts transposed to (B, H, N, D), as attention layers produce them."""
     g = torch.Generator().manual_seed(5)

@@ -72,7 +72,7 @@ def _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M):
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, qkw_ptr, vw_ptr, bias_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr,
     H, N, M, D, DV, scale, BB, HB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -104,6 +104,8 @@ def _attn_fwd_kernel(
     hi = M
     if IS_CAUSAL:  # keys beyond the last query's diagonal are never attended
         hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
+    if HAS_MASK:  # nor those after the batch row's last kept key (a right-padded batch's padding)
+        hi = tl.minimum(hi, tl.load(kend_ptr + b))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = _key_ok(offs_n, M, mask_ptr, b, HAS_MASK)
@@ -150,7 +152,7 @@ def _attn_bwd_preprocess(o_ptr, do_ptr, delta_ptr, R, DV, BLOCK_R: tl.constexpr,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, qkw_ptr, vw_ptr, bias_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr,
     H, N, M, D, DV, scale, BB, HB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -187,7 +189,10 @@ def _attn_bwd_dkdv_kernel(
     if IS_CAUSAL:  # queries before this key block's diagonal never attend to it
         lo = tl.maximum(0, pid_n * BLOCK_N - (M - N))
         lo = (lo // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, N, BLOCK_M):
+    hi = N
+    if HAS_MASK:  # a block after the batch row's last kept key: all padding, gradients 0
+        hi = tl.where(pid_n * BLOCK_N < tl.load(kend_ptr + b), N, lo)
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mmask = offs_m < N
         q = tl.load(q_ptr + bh * N * D + offs_m[:, None] * D + offs_d[None, :],
@@ -217,7 +222,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, qkw_ptr, vw_ptr, bias_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr,
     H, N, M, D, DV, scale, BB, HB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -253,6 +258,8 @@ def _attn_bwd_dq_kernel(
     hi = M
     if IS_CAUSAL:
         hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
+    if HAS_MASK:
+        hi = tl.minimum(hi, tl.load(kend_ptr + b))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = _key_ok(offs_n, M, mask_ptr, b, HAS_MASK)
@@ -301,6 +308,21 @@ def _meta(q, attn_mask, is_causal, widths, bias):
                 HAS_BIAS=bias is not None, F32_DOT=INTERPRET, IEEE=q.dtype == torch.float32)
 
 
+def _mask_args(q, attn_mask):
+    """(the key padding as int8 (B, M), each batch row's end of kept keys as int32 (B,): one past
+    its last kept key, 0 when it keeps none), or q as never-read placeholders without a mask. The
+    kernels stop at that end: a right-padded batch's padding costs nothing (computed on the
+    device, no synchronisation)."""
+    if attn_mask is None:
+        return q, q
+    M = attn_mask.shape[1]
+    mask_t = attn_mask.to(torch.int8).contiguous()
+    pos = torch.arange(1, M + 1, device=attn_mask.device, dtype=torch.int32)
+    if M == 0:
+        return mask_t, torch.zeros(mask_t.shape[0], dtype=torch.int32, device=mask_t.device)
+    return mask_t, (mask_t.to(torch.int32) * pos).amax(1).to(torch.int32).contiguous()
+
+
 def _bias_args(q, bias):
     """(bias pointer tensor, Bb, Hb): the contiguous bias, or q as a never-read placeholder."""
     if bias is None:
@@ -315,12 +337,12 @@ def _forward(q, k, v, scale, attn_mask, is_causal, widths, bias=None):
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     if B * H * N == 0:
         return o, lse
-    mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
+    mask_t, kend = _mask_args(q, attn_mask)
     qkw, vw = widths if widths is not None else (q, q)
     bias_t, bb, hb = _bias_args(q, bias)
     bm, bn, bd, bdv = _blocks(D, Dv, backward=False, N=N, M=M)
     grid = (B * H, triton.cdiv(N, bm))
-    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, qkw, vw, bias_t, H, N, M, D, Dv, float(scale), bb, hb,
+    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, kend, qkw, vw, bias_t, H, N, M, D, Dv, float(scale), bb, hb,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
                            **_meta(q, attn_mask, is_causal, widths, bias))
     return o, lse
@@ -338,14 +360,14 @@ def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths, bias=Non
     br = 32
     _attn_bwd_preprocess[(triton.cdiv(R, br),)](o, do, delta, R, Dv, BLOCK_R=br,
                                                  BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    mask_t = attn_mask.to(torch.int8).contiguous() if attn_mask is not None else q
+    mask_t, kend = _mask_args(q, attn_mask)
     qkw, vw = widths if widths is not None else (q, q)
     bias_t, bb, hb = _bias_args(q, bias)
     bm, bn, bd, bdv = _blocks(D, Dv, backward=True, N=N, M=M)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **_meta(q, attn_mask, is_causal, widths, bias))
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, qkw, vw, bias_t,
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, kend, qkw, vw, bias_t,
                                                        H, N, M, D, Dv, float(scale), bb, hb, **meta)
-    _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](q, k, v, do, lse, delta, dq, mask_t, qkw, vw, bias_t,
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](q, k, v, do, lse, delta, dq, mask_t, kend, qkw, vw, bias_t,
                                                      H, N, M, D, Dv, float(scale), bb, hb, **meta)
     return dq, dk, dv
 

@@ -2,7 +2,8 @@
 widths zero-padded up to a size its fast kernels accept (then the output sliced back).
 
 Shapes are pruned heads of DeiT-S (H=6, N=197), DeiT-B (H=12, N=197) and BERT-base (H=12,
-N=128), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}, and of Swin-T's
+N=128; also as a right-padded text batch, ``bert_base_padded``: each row keeps its first 8..128
+keys, lengths uniform), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}, and of Swin-T's
 first stage (H=3, N=49 tokens per 7x7 window, 64 windows per image, batch 64 images, the same
 width fractions of its 32-wide heads) with its relative position bias plus shifted-window mask
 as the additive bias (64, 3, 49, 49): our op reads it per window, SDPA gets it tiled to all
@@ -35,8 +36,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-# name -> (heads, tokens, windows per image: > 0 adds Swin's (windows, heads, N, N) bias)
-MODELS = {"deit_s": (6, 197, 0), "deit_b": (12, 197, 0), "bert_base": (12, 128, 0), "swin_t": (3, 49, 64)}
+# name -> (heads, tokens, windows per image: > 0 adds Swin's (windows, heads, N, N) bias, key
+# padding: a right-padded text batch, each row's length drawn uniformly from 8..N)
+MODELS = {"deit_s": (6, 197, 0, False), "deit_b": (12, 197, 0, False), "bert_base": (12, 128, 0, False),
+          "bert_base_padded": (12, 128, 0, True), "swin_t": (3, 49, 64, False)}
 WIDTHS = [(64, 64), (40, 52), (23, 37), (13, 64), (64, 17)]
 SWIN_WIDTHS = [(32, 32), (20, 26), (12, 19), (7, 32), (32, 9)]  # the same fractions of Swin-T's 32-wide heads
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,20 +54,27 @@ def _tiled(bias, B):
     return tile_bias(bias, B)
 
 
-def sdpa_same(q, k, v, scale, bias=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_tiled(bias, q.shape[0]), scale=scale)
+def _sdpa_mask(keep, bias, B):
+    """SDPA's mask: the key padding (B, M) as a bool (B, 1, 1, M) one, or the tiled bias (never both
+    here)."""
+    return keep[:, None, None, :] if keep is not None else _tiled(bias, B)
 
 
-def sdpa_padded(q, k, v, scale, bias=None):
+def sdpa_same(q, k, v, scale, keep=None, bias=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(keep, bias, q.shape[0]), scale=scale)
+
+
+def sdpa_padded(q, k, v, scale, keep=None, bias=None):
     D, Dv = q.shape[-1], v.shape[-1]
     w = 8 * math.ceil(max(D, Dv) / 8)
     q, k, v = F.pad(q, (0, w - D)), F.pad(k, (0, w - D)), F.pad(v, (0, w - Dv))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_tiled(bias, q.shape[0]), scale=scale)[..., :Dv]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(keep, bias, q.shape[0]), scale=scale)[..., :Dv]
 
 
 def ours(fn):
-    """Our op's call with the bias as its keyword (None: as without)."""
-    return lambda q, k, v, scale, bias=None: fn(q, k, v, scale, bias=bias) if bias is not None else fn(q, k, v, scale)
+    """Our op's call: key padding as its (B, M) mask, the bias as its keyword (None: as without)."""
+    return lambda q, k, v, scale, keep=None, bias=None: (fn(q, k, v, scale, keep, bias=bias) if bias is not None
+                                                         else fn(q, k, v, scale, keep))
 
 
 def _time_once_ms(fn, device) -> float:
@@ -88,11 +98,16 @@ def swin_bias(windows, H, N, g):
     return bias
 
 
-def closures(fn, B, H, N, D, Dv, dtype, device, windows=0):
+def closures(fn, B, H, N, D, Dv, dtype, device, windows=0, padded=False):
     """{metric: callable} for one provider on fresh seeded inputs (B = images; with windows > 0,
-    B · windows windows of N tokens and a (windows, H, N, N) bias)."""
+    B · windows windows of N tokens and a (windows, H, N, N) bias; ``padded``: a (B, N) key padding
+    keeping each row's first 8..N keys, lengths drawn uniformly, seeded)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     bias = swin_bias(windows, H, N, g).to(device, dtype) if windows else None
+    keep = None
+    if padded:
+        lengths = torch.randint(min(8, N), N + 1, (B,), generator=g)
+        keep = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
     B = B * windows if windows else B
     q = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
     k = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
@@ -102,19 +117,20 @@ def closures(fn, B, H, N, D, Dv, dtype, device, windows=0):
 
     def fwd():
         with torch.no_grad():
-            fn(q, k, v, scale, bias)
+            fn(q, k, v, scale, keep, bias)
 
     def fwd_bwd():
-        out = fn(q, k, v, scale, bias)
+        out = fn(q, k, v, scale, keep, bias)
         torch.autograd.grad(out, (q, k, v), do)
 
     return {"fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd}
 
 
-def measure_side_by_side(providers: dict, B, H, N, D, Dv, dtype, device, repeats, warmup=3, windows=0) -> dict:
+def measure_side_by_side(providers: dict, B, H, N, D, Dv, dtype, device, repeats, warmup=3, windows=0,
+                         padded=False) -> dict:
     """{provider: {metric: median ms}}; providers alternate within every repeat so that machine
     noise hits them alike (SPEC §6: ratios measured side by side)."""
-    runs = {name: closures(fn, B, H, N, D, Dv, dtype, device, windows) for name, fn in providers.items()}
+    runs = {name: closures(fn, B, H, N, D, Dv, dtype, device, windows, padded) for name, fn in providers.items()}
     times = {name: {m: [] for m in c} for name, c in runs.items()}
     for metric in ("fwd_ms", "fwd_bwd_ms"):
         for i in range(warmup + repeats):
@@ -173,10 +189,12 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     rows = []
     t_start = time.perf_counter()
-    for model, (H, N, windows) in models.items():
+    for model, (H, N, windows, padded) in models.items():
         for D, Dv in (SWIN_WIDTHS if windows else WIDTHS):
-            shape = f"{model} B={batch} H={H} N={N} D={D} Dv={Dv}" + (f" windows={windows} bias" if windows else "")
-            res = measure_side_by_side(providers, batch, H, N, D, Dv, dtype, device, repeats, windows=windows)
+            shape = (f"{model} B={batch} H={H} N={N} D={D} Dv={Dv}" + (f" windows={windows} bias" if windows else "")
+                     + (" key padding" if padded else ""))
+            res = measure_side_by_side(providers, batch, H, N, D, Dv, dtype, device, repeats, windows=windows,
+                                       padded=padded)
             for name in res:
                 for metric, value in res[name].items():
                     rows.append(("attention", name, dtype_name, shape, metric, f"{value:.4f}", dev_name))

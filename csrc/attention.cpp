@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <iterator>
 #include <limits>
 #include <vector>
 
@@ -118,18 +117,20 @@ SPP_INLINE vf16 vexp(vf16 x) {
 }
 
 // The softmax of the r rows of a query block's scores S (row stride ld, a multiple of kLanes at
-// least kend rounded up to it), in place, unnormalised: row i's kept keys are j < lim_i (kend, or
-// with causal min(kend, lim0 + i) clamped at 0). Row i of add (row stride add_ld, add_len long; an
-// additive score bias, when given) is added, then -inf set where kbias (the batch row's key padding
-// as 0 / -inf, when given, padded with -inf to whole vectors) is -inf — whatever s[j] was, so that
+// least kend rounded up to it), in place: row i's kept keys are j < lim_i (kend, or with causal
+// min(kend, lim0 + i) clamped at 0). Row i of add (row stride add_ld, add_len long; an additive
+// score bias, when given) is added, then -inf set where kbias (the batch row's key padding as
+// 0 / -inf, when given, padded with -inf to whole vectors) is -inf — whatever s[j] was, so that
 // inf / NaN in a padded key never reaches the row; s[j] <- exp(s[j] - max) for j < lim_i and 0 for
 // the rest of the row up to kend, then each row divided by its sum. Rows whose limit does not pass
-// the first kept key (none to attend) get all 0, and the function returns whether there were any. One call per block: the row loop, the bias,
-// the max and the exp all stay in registers and in this one clone (per-row calls through the
-// clones' indirection cost as much as the exp at MiniLM's key counts), and the lanes past lim_i in
-// the last vector are set to -inf, so neither the max nor the exp needs a scalar tail.
+// the first kept key (none to attend) get all 0, and the function returns whether there were any.
+// One call per block: the row loop, the bias, the max and the exp all stay in registers and in
+// this one clone (per-row calls through the clones' indirection cost as much as the exp at
+// MiniLM's key counts), and the lanes past lim_i in the last vector are set to -inf, so neither
+// the max nor the exp needs a scalar tail.
 SPP_CLONES bool softmax_rows(float* S, int64_t ld, int64_t r, int64_t kend, bool causal, int64_t lim0,
-                             int64_t first, const float* add, int64_t add_ld, int64_t add_len, const float* kbias) {
+                             int64_t first, const float* add, int64_t add_ld, int64_t add_len,
+                             const float* kbias) {
   const float ninf = -std::numeric_limits<float>::infinity();
   bool without = false;
   for (int64_t i = 0; i < r; ++i) {
@@ -153,7 +154,7 @@ SPP_CLONES bool softmax_rows(float* S, int64_t ld, int64_t r, int64_t kend, bool
       if (a != nullptr || kbias != nullptr) store(s + j, x);
       acc = x > acc ? x : acc;
     }
-    if (whole < lim) {  // the last vector: lanes past lim -inf (kbias is padded; add ends at its row's M)
+    if (whole < lim) {  // the last vector, lanes past lim -inf (kbias is padded; add ends at add_len)
       vf16 x = load(s + whole);
       if (a != nullptr) {
         if (whole + kLanes <= add_len) {
@@ -276,9 +277,9 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     for (int64_t b = 0; b < B; ++b) {
       const bool* kb = KEEP + b * M;
       first[b] = std::find(kb, kb + M, true) - kb;
-      end[b] = first[b] == M ? 0 : M - (std::find(std::reverse_iterator<const bool*>(kb + M),
-                                                   std::reverse_iterator<const bool*>(kb), true) -
-                                        std::reverse_iterator<const bool*>(kb + M));
+      int64_t e = M;
+      while (e > 0 && !kb[e - 1]) --e;
+      end[b] = e;
       for (int64_t j = 0; j < M; ++j) kbias[b * ldmax + j] = kb[j] ? 0.0f : -std::numeric_limits<float>::infinity();
     }
   }

@@ -3,12 +3,12 @@ widths zero-padded up to a size its fast kernels accept (then the output sliced 
 
 Shapes are pruned heads of DeiT-S (H=6, N=197), DeiT-B (H=12, N=197) and BERT-base (H=12,
 N=128; also as a right-padded text batch, ``bert_base_padded``: each row keeps its first 8..128
-keys, lengths uniform), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)}, and of Swin-T's
-first stage (H=3, N=49 tokens per 7x7 window, 64 windows per image, batch 64 images, the same
-width fractions of its 32-wide heads) with its relative position bias plus shifted-window mask
-as the additive bias (64, 3, 49, 49): our op reads it per window, SDPA gets it tiled to all
-B·64 windows, as timm builds it (the tiling timed). Forward
-(``fwd_ms``) and forward+backward (``fwd_bwd_ms``), median of repeats (CUDA events on GPUs).
+keys, lengths uniform), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)},
+and of Swin-T's first stage (H=3, N=49 tokens per 7x7 window, 64 windows per image, batch 64
+images, the same width fractions of its 32-wide heads) with its relative position bias plus
+shifted-window mask as the additive bias (64, 3, 49, 49): our op reads it per window, SDPA gets
+it tiled to all B·64 windows, as timm builds it (the tiling timed). Forward (``fwd_ms``) and
+forward+backward (``fwd_bwd_ms``), median of repeats (CUDA events on GPUs).
 Providers: ``spp_triton`` (spp_kernels.triton.attention.attention, CUDA only: interpreter timings
 on CPU mean nothing), ``spp_ext`` (CPU only, where the extension is built: its attention, which
 pruned layers run on CPUs — the fused forward kernel, the chunked route's backward),

@@ -214,6 +214,16 @@ def test_right_padded_rows_stop_at_their_last_kept_key(causal):
         assert torch.all(dk[b, :, n:] == 0) and torch.all(dv[b, :, n:] == 0)
 
 
+def test_key_padding_arguments_are_computed_once_per_mask():
+    q = torch.zeros(1, device=DEVICE)
+    mask = torch.arange(9, device=DEVICE)[None, :] < torch.tensor([[9], [4]], device=DEVICE)
+    first = tri._mask_args(q, mask)
+    again = tri._mask_args(q, mask)  # every layer of a forward passes the same mask: no new launches
+    assert again[0] is first[0] and again[1] is first[1] and first[1].tolist() == [9, 4]
+    mask[1, 6] = True  # changed in place: its version counter moved, so it is read again
+    assert tri._mask_args(q, mask)[1].tolist() == [9, 7]
+
+
 def test_non_contiguous_inputs():
     """(B, N, H, D) layouts transposed to (B, H, N, D), as attention layers produce them."""
     g = torch.Generator().manual_seed(5)

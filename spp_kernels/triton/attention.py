@@ -311,15 +311,20 @@ def _meta(q, attn_mask, is_causal, widths, bias):
 def _mask_args(q, attn_mask):
     """(the key padding as int8 (B, M), each batch row's end of kept keys as int32 (B,): one past
     its last kept key, 0 when it keeps none), or q as never-read placeholders without a mask. The
-    kernels stop at that end: a right-padded batch's padding costs nothing (computed on the
-    device, no synchronisation)."""
+    kernels stop at that end: a right-padded batch's padding costs nothing. Computed on the device
+    (no synchronisation) and remembered per mask (``reference.remembered``): every layer of a
+    forward, and the backward, get the same mask, so its few small launches run once, not per call."""
     if attn_mask is None:
         return q, q
+    return reference.remembered(attn_mask, "triton_key_padding", lambda: _key_padding_args(attn_mask))
+
+
+def _key_padding_args(attn_mask):
     M = attn_mask.shape[1]
     mask_t = attn_mask.to(torch.int8).contiguous()
-    pos = torch.arange(1, M + 1, device=attn_mask.device, dtype=torch.int32)
     if M == 0:
         return mask_t, torch.zeros(mask_t.shape[0], dtype=torch.int32, device=mask_t.device)
+    pos = torch.arange(1, M + 1, device=attn_mask.device, dtype=torch.int32)
     return mask_t, (mask_t.to(torch.int32) * pos).amax(1).to(torch.int32).contiguous()
 
 

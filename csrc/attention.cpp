@@ -116,6 +116,12 @@ SPP_INLINE vf16 vexp(vf16 x) {
   return x < lo ? splat(0.0f) : y;
 }
 
+// The keys row i of a query block may see: j < kend, and with causal j < lim0 + i (lim0 = the
+// block's first row + M - N + 1: the bottom-right aligned diagonal)
+SPP_INLINE int64_t row_limit(bool causal, int64_t lim0, int64_t i, int64_t kend) {
+  return causal ? std::clamp<int64_t>(lim0 + i, 0, kend) : kend;
+}
+
 // The softmax of the r rows of a query block's scores S (row stride ld, a multiple of kLanes at
 // least kend rounded up to it), in place: row i's kept keys are j < lim_i (kend, or with causal
 // min(kend, lim0 + i) clamped at 0). Row i of add (row stride add_ld, add_len long; an additive
@@ -135,7 +141,7 @@ SPP_CLONES bool softmax_rows(float* S, int64_t ld, int64_t r, int64_t kend, bool
   bool without = false;
   for (int64_t i = 0; i < r; ++i) {
     float* s = S + i * ld;
-    const int64_t lim = causal ? std::clamp<int64_t>(lim0 + i, 0, kend) : kend;
+    const int64_t lim = row_limit(causal, lim0, i, kend);
     if (lim <= first) {
       std::fill(s, s + kend, 0.0f);
       without = true;
@@ -317,13 +323,13 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
       } else {
         for (int64_t i = 0; i < r; ++i) std::fill(S.data() + i * ld, S.data() + i * ld + kend, 0.0f);
       }
-      const bool without = softmax_rows(S.data(), ld, r, kend, causal, i0 + M - N + 1, first[b], bp, M, M,
+      const int64_t lim0 = i0 + M - N + 1;
+      const bool without = softmax_rows(S.data(), ld, r, kend, causal, lim0, first[b], bp, M, M,
                                         KEEP != nullptr ? kbias.data() + b * ldmax : nullptr);
       mm(r, Dv, kend, S.data(), ld, vp, v.stride(2), op, ldo);  // O (r, Dv) = P V, rows H·Dv apart
       if (without) {  // rows without keys: exactly 0, also where V holds inf / NaN
         for (int64_t i = 0; i < r; ++i) {
-          const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + M - N + 1, 0, kend) : kend;
-          if (lim <= first[b]) std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
+          if (row_limit(causal, lim0, i, kend) <= first[b]) std::fill(op + i * ldo, op + i * ldo + Dv, 0.0f);
         }
       }
     }

@@ -11,6 +11,7 @@ from .adapters import adapter_by_family, find_adapter
 from .handle import _ATTR, fingerprint, get_handle
 from .io import (atomic_paths, json_bytes, prepare_output_dir, read_json, read_safetensors, save_model_file,
                  sha256_file, write_bytes)
+from .layers import use_fast_norms
 from .path import MaskSet
 
 PRUNED_FORMAT = "spp-pruned-model"
@@ -20,7 +21,9 @@ _INFO = "_spp_pruned"
 
 def prune(model: nn.Module, masks: MaskSet) -> nn.Module:
     """A physically smaller copy of ``model`` (attached or not) keeping the units of ``masks``,
-    with their mask values folded into the weights. ``model`` itself is not changed."""
+    with their mask values folded into the weights. ``model`` itself is not changed. Its plain
+    ``nn.LayerNorm`` modules become :class:`spp.layers.FastLayerNorm` (same function and
+    parameters; fp32 CPU inference on the extension's kernel)."""
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet (from SolutionPath.masks), got {type(masks).__name__}")
     handle = get_handle(model)
@@ -34,6 +37,7 @@ def prune(model: nn.Module, masks: MaskSet) -> nn.Module:
     pruned = copy.deepcopy(model, memo)
     pruned.__dict__.pop(_ATTR, None)
     adapter.prune_(pruned, masks.kept)
+    use_fast_norms(pruned)
     pruned.__dict__[_INFO] = {"family": adapter.family, "describe": adapter.describe(model),
                               "widths": adapter.widths(pruned), "masks": masks.summary()}
     return pruned
@@ -112,4 +116,5 @@ def _rebuild(info: dict) -> nn.Module:
     for name, w in info["widths"].items():
         kept[name] = (torch.arange(int(w)), torch.ones(int(w)))
     adapter.prune_(dense, kept)
+    use_fast_norms(dense)
     return dense

@@ -1,0 +1,55 @@
+"""``layer_norm(x, normalized_shape, weight, bias, eps)``: ``F.layer_norm`` for the LayerNorms of
+pruned models, on the extension's CPU kernel (csrc/layer_norm.cpp) for fp32 inference calls.
+
+A pruned model's products shrink with its widths, its LayerNorms do not: at MiniLM's shapes
+(batch 64 × 128 tokens × 384) ATen's CPU LayerNorm took about twice as long as the extension's
+three-pass row loop, and at batch 1 its per-call cost was most of its time
+(``benchmarks/bench_layer_norm.py``). Everything the kernel does not cover keeps
+``F.layer_norm``: a gradient to compute, other devices and dtypes, a normalized shape of more
+than the last dimension, ``torch.compile`` / tracing, torch.func transforms, an active dispatch
+mode, ``SPP_BACKEND=torch``, and a build without the extension.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from ._linear import _F32, _compiling, _func_wrapped, _get_current_dispatch_mode, _torch_forced
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def available() -> bool:
+    """Whether the extension's LayerNorm kernel is built and loaded here."""
+    return _ext.available and hasattr(torch.ops.spp_ext, "layer_norm")
+
+
+def _fast(x: torch.Tensor, shape, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    # (checked in this order because at batch 1 the checks cost about a third of the kernel)
+    if type(x) is not torch.Tensor or x.dtype is not _F32 or not x.is_cpu or len(shape) != 1 or x.dim() == 0:
+        return False
+    C = x.shape[-1]
+    if shape[0] != C:
+        return False
+    grad = torch.is_grad_enabled() and x.requires_grad
+    for t in (weight, bias):
+        if t is not None:
+            if type(t) not in _PLAIN or t.dtype is not _F32 or not t.is_cpu or t.dim() != 1 or t.shape[0] != C:
+                return False
+            grad = grad or (t.requires_grad and torch.is_grad_enabled())
+    if grad or _func_wrapped(x) or _compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    return available() and not _torch_forced()
+
+
+def layer_norm(x: torch.Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` up to fp32 rounding."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if _fast(x, shape, weight, bias):
+        return torch.ops.spp_ext.layer_norm(x, weight, bias, float(eps))
+    return F.layer_norm(x, shape, weight, bias, eps)

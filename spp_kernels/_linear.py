@@ -89,11 +89,11 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     K = x.shape[-1]
     if K != W.shape[1] or K == 0 or x.numel() // K * W.shape[0] * K < MIN_MACS:
         return False  # (a size mismatch: F.linear says what is wrong)
-    if x.device.type != "cpu" or W.device.type != "cpu" or type(x) is not torch.Tensor:
+    if not (x.is_cpu and W.is_cpu) or type(x) is not torch.Tensor:  # (is_cpu: no device object)
         return False  # other devices; tensor subclasses (fake tensors, …)
     if _func_wrapped(x) or _func_wrapped(W):
         return False  # inside a torch.func transform (vmap, grad, jvp)
-    if b is not None and (b.dtype is not _F32 or b.device.type != "cpu" or b.shape != (W.shape[0],)):
+    if b is not None and (b.dtype is not _F32 or not b.is_cpu or b.shape != (W.shape[0],)):
         return False
     if _compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False

@@ -7,7 +7,9 @@
 // the caller's reshape to (B, N, H·Dv) is a view. Nothing of size N·M leaves the task; no q / k /
 // v / output copies as on the chunked torch route. Keys after a batch row's last kept one (the
 // padding of a right-padded batch) are left out of both products and the softmax, so a row costs
-// what its own length does, not the batch's. The products run on torch's batch-reduce GEMM
+// what its own length does, not the batch's. Masked keys never reach the output, inf / NaN
+// included (their scores become -inf; values at masked keys before a row's end are zeroed in a
+// copy when any is not finite), so callers need not check it. The products run on torch's batch-reduce GEMM
 // (at::native::cpublas::brgemm: oneDNN's JIT microkernels where torch's build and the CPU allow
 // them, as on this AVX-512 machine, else torch's own GEMM); with a torch too old to have its fp32
 // form, on the BLAS torch links
@@ -18,9 +20,11 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
@@ -264,10 +268,10 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   }
   at::Tensor out = at::empty({B, N, H, Dv}, q_in.options());
   if (B == 0 || H == 0 || N == 0 || Dv == 0) return out;
-  const at::Tensor q = gemm_ready(q_in), k = gemm_ready(k_in), v = gemm_ready(v_in);
+  const at::Tensor q = gemm_ready(q_in), k = gemm_ready(k_in);
+  at::Tensor v = gemm_ready(v_in);
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
   const bool* KEEP = keep.defined() ? keep.data_ptr<bool>() : nullptr;
   const float* BIAS = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const int64_t Bb = bias.defined() ? bias.size(0) : 1, Hb = bias.defined() ? bias.size(1) : 1;
@@ -288,7 +292,29 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
       end[b] = e;
       for (int64_t j = 0; j < M; ++j) kbias[b * ldmax + j] = kb[j] ? 0.0f : -std::numeric_limits<float>::infinity();
     }
+    // A masked key before its row's end (left padding, a mask with gaps) gets weight 0, but 0
+    // times an inf / NaN value is NaN: such values are zeroed in a copy of v (made only when
+    // there are any), so that no masked key's value reaches the output. (Keys need nothing: their
+    // scores are replaced by -inf, whatever they were.)
+    std::vector<std::pair<int64_t, int64_t>> bad;
+    const float* V0 = v.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < end[b]; ++j) {
+        if (KEEP[b * M + j]) continue;
+        bool finite = true;
+        for (int64_t h = 0; h < H && finite; ++h) {
+          const float* row = V0 + b * v.stride(0) + h * v.stride(1) + j * v.stride(2);
+          for (int64_t d = 0; d < Dv; ++d) finite = finite && std::isfinite(row[d]);
+        }
+        if (!finite) bad.emplace_back(b, j);
+      }
+    }
+    if (!bad.empty()) {
+      v = v.clone();
+      for (const auto& [b, j] : bad) v.select(0, b).select(1, j).zero_();
+    }
   }
+  const float* V = v.data_ptr<float>();
   // query rows per task: their scores within 256 KiB, at most 64 rows, fewer (down to 16) where
   // that would leave under 4 tasks per thread
   int64_t rows = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(ldmax, 1), 1, 64);

@@ -5,8 +5,8 @@
 // two passes, not a one-pass E[x²] - E[x]², whose cancellation loses digits when the mean is large
 // against the spread) and one that writes y; rows split across threads in chunks of at least
 // 16 K elements, so that a batch-1 call does not pay for waking a thread it cannot use.
-// Why not ATen's: on a (8192, 384) input it ran at half the speed of this loop, and at batch 1
-// its per-call cost was several times the arithmetic.
+// Why not ATen's: on a (8192, 384) input it took 1.7x as long as this loop (2 threads, side by
+// side); at (8192, 768), memory-bound, the two are on a par.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

@@ -753,10 +753,19 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     route gathers it per chunk instead.
 
     ``fused``: a forward for the chunked route's calls (the ext backend passes its fused CPU
-    kernel, which then also takes equal widths; see :func:`cpu_chunked_attention`)."""
+    kernel, which then also takes equal widths; see :func:`cpu_chunked_attention`). It must keep
+    masked keys' values out of its output, inf and NaN included, and set rows without keys to 0:
+    its calls skip the output sum check above (with gradients, k and v are summed instead)."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))
+    if check and fused is not None and use_cpu_chunked(q, k, v, attn_mask, bias, True):
+        # the fused forward keeps masked keys' values out itself, so its output cannot tell; a
+        # backward would still meet them: with gradients they are zeroed first when k or v holds any
+        check = False
+        if _needs_grad(q, k, v, bias) and not math.isfinite(float(k.detach().sum(dtype=torch.float32))
+                                                           + float(v.detach().sum(dtype=torch.float32))):
+            k, v = _drop_masked(k, v, attn_mask)
     if attn_mask is not None and (not host or (check and _no_key_rows(attn_mask, is_causal, q.shape[2], k.shape[2]))):
         k, v = _drop_masked(k, v, attn_mask)
         check = False
@@ -765,6 +774,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         k, v = _drop_masked(k, v, attn_mask)
         out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias, fused)
     return out
+
+
+def _needs_grad(*ts: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def sdpa_mask_and(attn_mask: Optional[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:

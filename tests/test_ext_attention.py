@@ -160,16 +160,28 @@ def test_nonfinite_values():
     keep = keep_mask(2, 12)
     pad = (~keep).nonzero()[0].tolist()
     kept = keep.nonzero()[0].tolist()
-    # inf / NaN in padded keys and values never reach the output of the public op (the guard
-    # reruns the call with them zeroed when the output sum is not finite)
+    # inf / NaN in masked keys and values never reach the output: the raw kernel's own doing
+    # (one call, no rerun, in inference), and the public op's with gradients too (its guard reruns
+    # the call with them zeroed when the output sum is not finite, for the backward's sake)
     kb, vb = k.clone(), v.clone()
     kb[pad[0], :, pad[1]] = float("nan")
     vb[pad[0], :, pad[1]] = float("inf")
+    assert pad[1] < (keep[pad[0]].nonzero().max()), "a masked key before its row's last kept one"
     want = reference.attention(q, k, v, 0.4, keep)
-    got = spp_kernels.attention(q, kb, vb, 0.4, keep)
-    assert torch.isfinite(got).all()
+    raw = fused(q, kb, vb, 0.4, keep, False)
+    assert torch.equal(raw, fused(q, k, v, 0.4, keep, False))
+    assert torch.isfinite(vb).logical_not().any()  # the caller's v is not changed
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = spp_kernels.attention(q, kb, vb, 0.4, keep)
+    calls = [e.count for e in prof.key_averages() if e.key == "spp_ext::attention"]
+    assert calls == [1]
+    assert torch.equal(got, raw.contiguous()) or torch.equal(got, raw)
     assert_close(got, oracle_attention(q, k, v, 0.4, keep), torch.float32, 5, 12)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, kb, vb))
+    out = spp_kernels.attention(qg, kg, vg, 0.4, keep)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (qg, kg, vg))
     # NaN in a kept key reaches its batch row, as in the reference
     kn = k.clone()
     kn[kept[0], 0, kept[1], 0] = float("nan")

@@ -29,19 +29,22 @@ def available() -> bool:
 
 
 def _fast(x: torch.Tensor, shape, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
-    # (checked in this order because at batch 1 the checks cost about a third of the kernel)
-    if type(x) is not torch.Tensor or x.dtype is not _F32 or not x.is_cpu or len(shape) != 1 or x.dim() == 0:
+    # (torch.compile first: Dynamo traces the flag, not the checks after it; then the cheap ones:
+    # at batch 1 these checks cost about a third of the kernel)
+    if _compiling() or type(x) is not torch.Tensor or x.dtype is not _F32 or not x.is_cpu or len(shape) != 1:
+        return False
+    if x.dim() == 0 or shape[0] != x.shape[-1]:
         return False
     C = x.shape[-1]
-    if shape[0] != C:
-        return False
     grad = torch.is_grad_enabled() and x.requires_grad
     for t in (weight, bias):
         if t is not None:
             if type(t) not in _PLAIN or t.dtype is not _F32 or not t.is_cpu or t.dim() != 1 or t.shape[0] != C:
                 return False
+            if _func_wrapped(t):
+                return False  # torch.func over the parameters (vmap of stacked weights, jvp)
             grad = grad or (t.requires_grad and torch.is_grad_enabled())
-    if grad or _func_wrapped(x) or _compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+    if grad or _func_wrapped(x) or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     return available() and not _torch_forced()
 

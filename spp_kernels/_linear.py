@@ -84,8 +84,8 @@ def onednn_status() -> tuple[bool, str]:
 
 def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     # cheapest rejections first: most calls of a small model end at the size check
-    if x.dtype is not _F32 or W.dtype is not _F32 or W.dim() != 2 or x.dim() == 0:
-        return False
+    if _compiling() or x.dtype is not _F32 or W.dtype is not _F32 or W.dim() != 2 or x.dim() == 0:
+        return False  # (torch.compile first: Dynamo traces that flag, not the checks after it)
     K = x.shape[-1]
     if K != W.shape[1] or K == 0 or x.numel() // K * W.shape[0] * K < MIN_MACS:
         return False  # (a size mismatch: F.linear says what is wrong)
@@ -95,7 +95,7 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
         return False  # inside a torch.func transform (vmap, grad, jvp)
     if b is not None and (b.dtype is not _F32 or not b.is_cpu or b.shape != (W.shape[0],)):
         return False
-    if _compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+    if torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     if _torch_forced():
         return False

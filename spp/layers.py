@@ -507,7 +507,7 @@ def _plain_layer_norm(m: nn.Module) -> bool:
     if t is nn.LayerNorm:
         return True
     return (t.__module__ == "timm.layers.norm" and t.__name__ == "LayerNorm" and t.__bases__ == (nn.LayerNorm,)
-            and not getattr(m, "fast_norm", False))
+            and not getattr(m, "_fast_norm", getattr(m, "fast_norm", False)))  # (the name differs across timm)
 
 
 def use_fast_norms(model: nn.Module) -> int:

@@ -31,7 +31,7 @@ def report() -> str:
     elif layer_norm_available():
         norm = ("ext", "fp32 inference LayerNorms of pruned models; F.layer_norm where a gradient is needed")
     else:
-        norm = ("torch", "spp_kernels._C without the kernel: F.layer_norm")
+        norm = ("torch", "no extension LayerNorm kernel here (see the ext lines above): F.layer_norm")
     lines.append(f"{'cpu':5s} {'layer_norm':15s} -> {norm[0]:6s} ({norm[1]})")
     return "\n".join(lines)
 

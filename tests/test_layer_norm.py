@@ -68,6 +68,12 @@ def test_eps_rows_of_constants_and_empty_inputs():
     got = torch.ops.spp_ext.layer_norm(x, w, b, 1e-5)
     torch.testing.assert_close(got, b.expand(3, 40))  # zero spread: (x - mean) = 0, only the bias is left
     assert torch.ops.spp_ext.layer_norm(torch.empty(0, 5), None, None, 1e-5).shape == (0, 5)
+    # constants whose rounded mean would be an ulp off: still exactly the bias, even with BERT's
+    # eps = 1e-12 (an ulp of 127 times 1 / sqrt(eps) would be ~8 · w)
+    for c, C in ((126.99, 384), (0.1, 384), (3.3, 301), (-1e4 / 3, 768)):
+        w, b = torch.randn(C), torch.randn(C)
+        got = torch.ops.spp_ext.layer_norm(torch.full((2, C), c), w, b, 1e-12)
+        assert torch.equal(got, b.expand(2, C)), (c, C)
     x = torch.randn(4, 8) * 1e3
     torch.testing.assert_close(torch.ops.spp_ext.layer_norm(x, None, None, 1e7), F.layer_norm(x, (8,), eps=1e7))
 
@@ -75,9 +81,9 @@ def test_eps_rows_of_constants_and_empty_inputs():
 @needs_kernel
 def test_non_contiguous_inputs_and_thread_counts_give_the_same_bits():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(37, 300, generator=g)
+    x = torch.randn(37, 4096, generator=g)
     w, b = torch.randn(37, generator=g), torch.randn(37, generator=g)
-    xt = x.t()  # (300, 37), last dim strided
+    xt = x.t()  # (4096, 37), last dim strided: 4096 rows are several chunks of >= 16 K elements
     a = torch.ops.spp_ext.layer_norm(xt, w, b, 1e-6)
     assert torch.equal(a, torch.ops.spp_ext.layer_norm(xt.contiguous(), w, b, 1e-6))
     threads = torch.get_num_threads()
@@ -115,6 +121,40 @@ def test_cases_that_keep_f_layer_norm(monkeypatch):
 
 
 @needs_kernel
+def test_under_torch_compile_and_torch_func():
+    ln = nn.LayerNorm(24)
+    use_fast_norms(nn.Sequential(ln))
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        want = F.layer_norm(x, (24,), ln.weight, ln.bias, ln.eps)
+        # Dynamo traces the compiling flag first, so the whole module is one graph of F.layer_norm
+        compiled = torch.compile(ln, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), want)
+    # vmap over stacked parameters (wrapped weight, plain input): torch's op, which has the rules
+    params = {"weight": torch.randn(3, 24), "bias": torch.randn(3, 24)}
+    with torch.no_grad():
+        got = torch.func.vmap(lambda p: torch.func.functional_call(ln, p, (x,)))(params)
+    for i in range(3):
+        torch.testing.assert_close(got[i], F.layer_norm(x, (24,), params["weight"][i], params["bias"][i], ln.eps))
+
+
+def test_which_norms_are_converted():
+    import timm.layers
+
+    plain, timm_ln, timm_fast = nn.LayerNorm(8), timm.layers.LayerNorm(8), timm.layers.LayerNorm(8)
+    timm_fast._fast_norm = True  # timm's own fused norm: a different function, left alone
+
+    class Sub(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    sub = Sub(8)
+    assert use_fast_norms(nn.ModuleList([plain, timm_ln, timm_fast, sub])) == 2
+    assert type(plain) is FastLayerNorm and type(timm_ln) is FastLayerNorm
+    assert type(timm_fast) is timm.layers.LayerNorm and type(sub) is Sub
+
+
+@needs_kernel
 def test_argument_checks_and_opcheck():
     x = torch.randn(3, 10)
     with pytest.raises(RuntimeError, match="weight must be"):
@@ -149,3 +189,8 @@ def test_pruned_and_rebuilt_models_use_it_with_the_same_state(family, tmp_path):
     loaded = spp.load_pruned(str(tmp_path / "m"))
     assert all(type(m) is FastLayerNorm for m in loaded.modules() if isinstance(m, nn.LayerNorm))
     assert max_err(outputs(loaded, batch), outputs(pruned, batch)) == 0
+    # the opt-out keeps the classes
+    kept = spp.prune(model, path.masks(keep=0.6), fast_norms=False)
+    assert {type(m) for m in kept.modules() if isinstance(m, nn.LayerNorm)} == {orig}
+    assert {type(m) for m in spp.load_pruned(str(tmp_path / "m"), fast_norms=False).modules()
+            if isinstance(m, nn.LayerNorm)} == {orig}

@@ -759,12 +759,18 @@ def test_causal_with_unequal_query_and_key_counts_on_both_routes():
 
 
 @pytest.mark.parametrize("dropped", ["tail", "row"])
-@pytest.mark.parametrize("route", ["reference", "reference_grad", "chunked", "chunked_grad", "sdpa", "sdpa_grad", "bf16"])
+@pytest.mark.parametrize("route", ["reference", "reference_grad", "chunked", "chunked_grad", "sdpa", "sdpa_grad", "bf16",
+                                   "ext", "ext_grad"])
 def test_inf_and_nan_at_padding_keys_never_reach_the_output(route, dropped):
     """A masked-out key holding inf or NaN (fp16 overflow in a padded row) leaves the output and
     the gradients equal to those of the same inputs with zeros there, on every route of the torch
-    backend, also where a batch row masks every key; an additive mask alone would turn the whole
-    batch row into NaN."""
+    backend and on the ext backend's fused CPU kernel, also where a batch row masks every key; an
+    additive mask alone would turn the whole batch row into NaN."""
+    if route.startswith("ext"):
+        from spp_kernels import _ext
+        if not (_ext.available and getattr(_ext._C, "attention_cpu", 0)):
+            pytest.skip("spp_kernels._C with the fused attention is not built")
+        from spp_kernels import ext_ops
     dtype = torch.bfloat16 if route == "bf16" else torch.float32
     q, k, v = inputs((2, 3, 6, 5, 7), dtype, seed=4)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -778,13 +784,17 @@ def test_inf_and_nan_at_padding_keys_never_reach_the_output(route, dropped):
     clean_k[1, :, first:] = 0.0
     clean_v[1, :, first:] = 0.0
     fn = reference.attention if route.startswith("reference") else reference.sdpa_attention
+    if route.startswith("ext"):
+        fn = ext_ops.attention
     grad = route.endswith("_grad")
     sdpa = route.startswith("sdpa")
 
     def run(kk, vv, m=mask):
         qg, kg, vg = (t.clone().requires_grad_(grad) for t in (q, kk, vv))
         with reference.sdpa_only() if sdpa else contextlib.nullcontext(), torch.set_grad_enabled(grad):
-            if not route.startswith("reference"):
+            if route.startswith("ext"):
+                assert reference.use_cpu_chunked(qg, kg, vg, m, None, True)
+            elif not route.startswith("reference"):
                 assert reference.use_cpu_chunked(qg, kg, vg, m) == route.startswith("chunked")
             out = fn(qg, kg, vg, 0.4, m)
             if not grad:

@@ -1,6 +1,8 @@
 """layer_norm: ``spp_kernels.layer_norm`` (what pruned models' LayerNorms call: the extension's
 CPU kernel for fp32 inference) vs ``F.layer_norm``, side by side, at MiniLM's width (384), BERT /
-DeiT-B's (768) and an odd one, at 128 rows (batch 1) and 64 × 128 rows.
+DeiT-B's (768) and an odd one, at 128 rows (batch 1) and 64 × 128 rows. Below
+``spp_kernels._norm.MIN_ELEMENTS`` the wrapper itself calls ``F.layer_norm`` (``--kernel-always``
+times the kernel there too).
 
     python benchmarks/bench_layer_norm.py [--quick] [--threads N] [--out CSV]
 """
@@ -49,8 +51,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--kernel-always", action="store_true", help="the kernel also below MIN_ELEMENTS")
     p.add_argument("--out", default=os.path.join(RESULTS, "kernels_cpu.csv"))
     args = p.parse_args()
+    if args.kernel_always:
+        _norm.MIN_ELEMENTS = 0
     if args.threads:
         torch.set_num_threads(args.threads)
     write_rows(run(args), args.out, replace_ops=("layer_norm",))

@@ -2,12 +2,13 @@
 pruned models, on the extension's CPU kernel (csrc/layer_norm.cpp) for fp32 inference calls.
 
 A pruned model's products shrink with its widths, its LayerNorms do not: at MiniLM's shapes
-(batch 64 × 128 tokens × 384) ATen's CPU LayerNorm took 1.7x as long as the extension's row loop;
-at 768 wide (memory-bound) and at batch 1 (where these checks cost ~2.5 µs) the two are close
+(batch 64 × 128 tokens × 384) ATen's CPU LayerNorm took 1.6-1.7x as long as the extension's row
+loop, at 768 wide (memory-bound) 1.0-1.2x; below :data:`MIN_ELEMENTS` (batch 1), where these
+checks (~2.5 µs) and the op call cost as much as the kernel gains, torch's was as fast or faster
 (``benchmarks/bench_layer_norm.py``). Everything the kernel does not cover keeps
-``F.layer_norm``: a gradient to compute, other devices and dtypes, a normalized shape of more
-than the last dimension, ``torch.compile`` / tracing, torch.func transforms, an active dispatch
-mode, ``SPP_BACKEND=torch``, and a build without the extension.
+``F.layer_norm``: small inputs, a gradient to compute, other devices and dtypes, a normalized
+shape of more than the last dimension, ``torch.compile`` / tracing, torch.func transforms, an
+active dispatch mode, ``SPP_BACKEND=torch``, and a build without the extension.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from ._linear import _F32, _compiling, _func_wrapped, _get_current_dispatch_mode
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# elements below which F.layer_norm was as fast or faster (the call's fixed costs: 128 × 384 on a
+# par, 128 × 301 0.82x, 128 × 768 1.21x; benchmarks/bench_layer_norm.py, 2 threads)
+MIN_ELEMENTS = 1 << 16
 
 
 def available() -> bool:
@@ -33,7 +37,7 @@ def _fast(x: torch.Tensor, shape, weight: Optional[torch.Tensor], bias: Optional
     # at batch 1 these checks cost about a third of the kernel)
     if _compiling() or type(x) is not torch.Tensor or x.dtype is not _F32 or not x.is_cpu or len(shape) != 1:
         return False
-    if x.dim() == 0 or shape[0] != x.shape[-1]:
+    if x.dim() == 0 or shape[0] != x.shape[-1] or x.numel() < MIN_ELEMENTS:
         return False
     C = x.shape[-1]
     grad = torch.is_grad_enabled() and x.requires_grad

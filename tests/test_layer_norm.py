@@ -18,6 +18,12 @@ from tolerances import assert_close
 needs_kernel = pytest.mark.skipif(not _norm.available(), reason="spp_kernels._C with the LayerNorm kernel is not built")
 
 
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    """The kernel for inputs of any size (small ones keep F.layer_norm by default)."""
+    monkeypatch.setattr(_norm, "MIN_ELEMENTS", 0)
+
+
 def _ran_kernel(fn) -> bool:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
@@ -118,6 +124,15 @@ def test_cases_that_keep_f_layer_norm(monkeypatch):
         assert _ran_kernel(lambda: ln(x))
     with torch.inference_mode():
         assert _ran_kernel(lambda: ln(x))
+
+
+@needs_kernel
+def test_small_inputs_keep_f_layer_norm(monkeypatch):
+    monkeypatch.setattr(_norm, "MIN_ELEMENTS", 1 << 16)
+    w, b = torch.randn(384), torch.randn(384)
+    with torch.no_grad():
+        assert not _ran_kernel(lambda: spp_kernels.layer_norm(torch.randn(128, 384), 384, w, b))  # batch 1
+        assert _ran_kernel(lambda: spp_kernels.layer_norm(torch.randn(2, 128, 384), 384, w, b))
 
 
 @needs_kernel

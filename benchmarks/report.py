@@ -92,16 +92,6 @@ def kernel_tables(path: str) -> list[str]:
             parts.append(f"**linear** ({dev}; `spp_kernels.linear`, what pruned layers call, vs `F.linear` + activation, "
                          "side by side; T rows × K in → N out):\n\n"
                          + table(["shape", "F.linear", "spp_kernels.linear", "speed-up"], body))
-        ln = [r for r in rs if r["op"] == "layer_norm" and r["metric"] == "fwd_us"]
-        if ln:
-            shapes = list(dict.fromkeys(r["shape"] for r in ln))
-            val = {(r["shape"], r["provider"]): num(r["value"]) for r in ln}
-            a, b = "F.layer_norm", "spp_kernels.layer_norm"
-            body = [[s, f"{fmt(val[s, a])} µs", f"{fmt(val[s, b])} µs", f"{val[s, a] / val[s, b]:.2f}x"]
-                    for s in shapes if (s, a) in val and (s, b) in val]
-            parts.append(f"**layer_norm** ({dev}; `spp_kernels.layer_norm`, what pruned models' LayerNorms call, vs "
-                         "`F.layer_norm`, side by side; T rows × C wide):\n\n"
-                         + table(["shape", a, b, "speed-up"], body))
         ss = [r for r in rs if r["op"] == "search_step"]
         if ss:
             body = [[r["shape"], r["provider"], r["metric"], fmt(num(r["value"]))] for r in ss]

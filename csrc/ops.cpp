@@ -31,8 +31,6 @@ bool attention_cpu_available();
 void set_linear_backend(bool onednn, int64_t min_macs);
 bool linear_onednn();
 const char* attention_cpu_gemm();
-at::Tensor layer_norm_cpu(const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                          double);
 }  // namespace spp_ext
 
 TORCH_LIBRARY(spp_ext, m) {
@@ -48,7 +46,6 @@ TORCH_LIBRARY(spp_ext, m) {
         "float eps, float weight_decay, float kappa, float lam, float nu, float step_size, float inv_sqrt_bc2, "
         "float rho, str gamma_mode, str optimizer, bool record, bool check_finite) -> ()");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? keep, bool causal, Tensor? bias=None) -> Tensor");
-  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   // which GEMM the plain products of masked_linear / pair_matmul run on (spp_kernels/_ext.py sets it)
   m.def("set_linear_backend(bool onednn, int min_macs) -> ()", &spp_ext::set_linear_backend);
   m.def("linear_backend() -> bool", &spp_ext::linear_onednn);
@@ -61,7 +58,6 @@ TORCH_LIBRARY_IMPL(spp_ext, CPU, m) {
   m.impl("pair_matmul_backward", &spp_ext::pair_matmul_backward_cpu);
   m.impl("inclusion_step", &spp_ext::inclusion_step_cpu);
   m.impl("attention", &spp_ext::attention_cpu);
-  m.impl("layer_norm", &spp_ext::layer_norm_cpu);
 }
 
 extern "C" {

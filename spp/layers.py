@@ -489,35 +489,3 @@ def prune_mlp(mlp: MaskedMlp, kept: torch.Tensor, values: torch.Tensor) -> Maske
         new = MaskedMlp(fc1, fc2, mlp.act, None, mlp.drop.p)
     new.train(mlp.training)
     return new
-
-
-class FastLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose fp32 CPU inference calls run the extension's kernel
-    (:func:`spp_kernels.layer_norm`; ``F.layer_norm`` everywhere else). Same parameters, buffers
-    and state-dict keys: :func:`use_fast_norms` swaps the class of a model's LayerNorms in place."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spp_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-def _plain_layer_norm(m: nn.Module) -> bool:
-    """``m`` computes ``F.layer_norm`` with its own arguments and nothing else: ``nn.LayerNorm``
-    itself, or timm's ``LayerNorm`` (timm.layers.norm) with its fused-norm switch off."""
-    t = type(m)
-    if t is nn.LayerNorm:
-        return True
-    return (t.__module__ == "timm.layers.norm" and t.__name__ == "LayerNorm" and t.__bases__ == (nn.LayerNorm,)
-            and not getattr(m, "_fast_norm", getattr(m, "fast_norm", False)))  # (the name differs across timm)
-
-
-def use_fast_norms(model: nn.Module) -> int:
-    """Make every LayerNorm of ``model`` that computes plain ``F.layer_norm`` (``nn.LayerNorm``,
-    timm's ``LayerNorm``; other subclasses are left alone, their forward may differ) a
-    :class:`FastLayerNorm`, in place; returns how many. What pruned and rebuilt models get:
-    their products shrink with the widths, their LayerNorms do not."""
-    n = 0
-    for m in model.modules():
-        if _plain_layer_norm(m):
-            m.__class__ = FastLayerNorm
-            n += 1
-    return n

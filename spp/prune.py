@@ -11,7 +11,6 @@ from .adapters import adapter_by_family, find_adapter
 from .handle import _ATTR, fingerprint, get_handle
 from .io import (atomic_paths, json_bytes, prepare_output_dir, read_json, read_safetensors, save_model_file,
                  sha256_file, write_bytes)
-from .layers import use_fast_norms
 from .path import MaskSet
 
 PRUNED_FORMAT = "spp-pruned-model"
@@ -19,13 +18,9 @@ PRUNED_VERSION = 1
 _INFO = "_spp_pruned"
 
 
-def prune(model: nn.Module, masks: MaskSet, *, fast_norms: bool = True) -> nn.Module:
+def prune(model: nn.Module, masks: MaskSet) -> nn.Module:
     """A physically smaller copy of ``model`` (attached or not) keeping the units of ``masks``,
-    with their mask values folded into the weights. ``model`` itself is not changed.
-    ``fast_norms``: the copy's LayerNorms that compute plain ``F.layer_norm`` (``nn.LayerNorm``,
-    timm's ``LayerNorm``) become :class:`spp.layers.FastLayerNorm` (same function, parameters and
-    state-dict keys; fp32 CPU inference on the extension's kernel); False keeps their classes
-    (code that tests for them, ``torch.fx`` leaves, TorchScript)."""
+    with their mask values folded into the weights. ``model`` itself is not changed."""
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet (from SolutionPath.masks), got {type(masks).__name__}")
     handle = get_handle(model)
@@ -39,8 +34,6 @@ def prune(model: nn.Module, masks: MaskSet, *, fast_norms: bool = True) -> nn.Mo
     pruned = copy.deepcopy(model, memo)
     pruned.__dict__.pop(_ATTR, None)
     adapter.prune_(pruned, masks.kept)
-    if fast_norms:
-        use_fast_norms(pruned)
     pruned.__dict__[_INFO] = {"family": adapter.family, "describe": adapter.describe(model),
                               "widths": adapter.widths(pruned), "masks": masks.summary()}
     return pruned
@@ -73,9 +66,8 @@ def save_pruned(model: nn.Module, directory: str) -> None:
         }))
 
 
-def load_pruned(directory: str, device: str | torch.device = "cpu", *, fast_norms: bool = True) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned` (safetensors + JSON; nothing is unpickled).
-    ``fast_norms``: as in :func:`prune`."""
+def load_pruned(directory: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned` (safetensors + JSON; nothing is unpickled)."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a folder path, got {type(directory).__name__}")
     cfg_path = os.path.join(os.fspath(directory), "config.json")
@@ -84,7 +76,7 @@ def load_pruned(directory: str, device: str | torch.device = "cpu", *, fast_norm
         if key not in info:
             raise ValueError(f"{cfg_path}: missing field {key!r}")
     try:
-        model = _rebuild(info, fast_norms)
+        model = _rebuild(info)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{cfg_path}: malformed model description ({exc})") from None
     except ValueError as exc:
@@ -112,7 +104,7 @@ def load_pruned(directory: str, device: str | torch.device = "cpu", *, fast_norm
     return model.to(device).eval()
 
 
-def _rebuild(info: dict, fast_norms: bool = True) -> nn.Module:
+def _rebuild(info: dict) -> nn.Module:
     adapter_cls = adapter_by_family(info["family"])
     dense = adapter_cls.build(info["describe"])
     adapter = adapter_cls(dense)
@@ -120,6 +112,4 @@ def _rebuild(info: dict, fast_norms: bool = True) -> nn.Module:
     for name, w in info["widths"].items():
         kept[name] = (torch.arange(int(w)), torch.ones(int(w)))
     adapter.prune_(dense, kept)
-    if fast_norms:
-        use_fast_norms(dense)
     return dense

@@ -5,10 +5,9 @@ from __future__ import annotations
 from . import _ext, dispatch, reference  # noqa: F401  (_ext registers the extension if built)
 from . import triton as _triton  # noqa: F401
 from ._linear import linear, onednn_status  # noqa: F401
-from ._norm import layer_norm  # noqa: F401
 from .reference import ACTIVATIONS, inclusion_scalars
 
-__all__ = ["masked_linear", "pair_matmul", "inclusion_step", "attention", "linear", "layer_norm", "ACTIVATIONS", "inclusion_scalars",
+__all__ = ["masked_linear", "pair_matmul", "inclusion_step", "attention", "linear", "ACTIVATIONS", "inclusion_scalars",
            "dispatch"]
 __version__ = "0.1.0"
 

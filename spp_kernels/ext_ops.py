@@ -254,9 +254,3 @@ def attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     ``spp_ext::attention`` forward (equal widths too, and with an additive ``bias``) and the
     chunked route's backward."""
     return reference.sdpa_attention(q, k, v, scale, attn_mask, is_causal, bias, fused=_fused_attention)
-
-
-# ---------------------------------------------------------------- layer_norm (CPU forward, inference)
-@torch.library.register_fake("spp_ext::layer_norm")
-def _layer_norm_fake(x, weight, bias, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -5,7 +5,6 @@ import torch
 
 from . import _ext, dispatch
 from ._linear import _torch_forced, onednn_status
-from ._norm import available as layer_norm_available
 
 
 def _ext_attention_gemm() -> str:
@@ -26,13 +25,6 @@ def report() -> str:
     ext_too = ok and _ext.available and hasattr(torch.ops.spp_ext, "linear_backend") and torch.ops.spp_ext.linear_backend()
     what = "fp32 products of pruned layers" + (" and of the ext ops' GEMMs" if ext_too else "")
     lines.append(f"{'cpu':5s} {'linear':15s} -> {'onednn' if ok else 'torch':6s} ({what}; {why})")
-    if _torch_forced():
-        norm = ("torch", "SPP_BACKEND=torch: F.layer_norm")
-    elif layer_norm_available():
-        norm = ("ext", "fp32 inference LayerNorms of pruned models; F.layer_norm where a gradient is needed")
-    else:
-        norm = ("torch", "no extension LayerNorm kernel here (see the ext lines above): F.layer_norm")
-    lines.append(f"{'cpu':5s} {'layer_norm':15s} -> {norm[0]:6s} ({norm[1]})")
     return "\n".join(lines)
 
 

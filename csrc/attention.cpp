@@ -9,12 +9,11 @@
 // padding of a right-padded batch) are left out of both products and the softmax, so a row costs
 // what its own length does, not the batch's. Masked keys never reach the output, inf / NaN
 // included (their scores become -inf; values at masked keys before a row's end are zeroed in a
-// copy when any is not finite), so callers need not check it. The products run on torch's batch-reduce GEMM
-// (at::native::cpublas::brgemm: oneDNN's JIT microkernels where torch's build and the CPU allow
-// them, as on this AVX-512 machine, else torch's own GEMM); with a torch too old to have its fp32
-// form, on the BLAS torch links
-// (its exported Fortran sgemm_), and where torch exports neither the op reports itself unavailable
-// and the torch route runs. The backward stays on the torch route (spp_kernels.ext_ops).
+// copy when any is not finite), so callers need not check it. The products run on torch's
+// batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's JIT microkernels where torch's build
+// and the CPU allow them, as on this AVX-512 machine, else torch's own GEMM); with a torch too old
+// to have its fp32 form, on the BLAS torch links (its exported Fortran sgemm_), and where torch
+// exports neither the op reports itself unavailable and the torch route runs. The backward stays on the torch route (spp_kernels.ext_ops).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>

@@ -608,7 +608,7 @@ def cpu_chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
     ``fused(q, k, v, scale, attn_mask, is_causal, bias)``, when given, computes the forward
     instead (the extension's fused kernel); the backward stays the one here."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+    if _needs_grad(q, k, v, bias):
         return _CpuChunkedAttention.apply(q, k, v, scale, attn_mask, is_causal, bias, fused)
     return _chunked_forward(q, k, v, scale, attn_mask, is_causal, bias, fused)
 

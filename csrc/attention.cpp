@@ -23,7 +23,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
@@ -295,22 +294,29 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     // times an inf / NaN value is NaN: such values are zeroed in a copy of v (made only when
     // there are any), so that no masked key's value reaches the output. (Keys need nothing: their
     // scores are replaced by -inf, whatever they were.)
-    std::vector<std::pair<int64_t, int64_t>> bad;
+    // (batch rows scanned in parallel: a left-padded batch has a hole per padded key)
+    std::vector<uint8_t> bad(static_cast<size_t>(B * M), 0);
     const float* V0 = v.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = 0; j < end[b]; ++j) {
-        if (KEEP[b * M + j]) continue;
-        bool finite = true;
-        for (int64_t h = 0; h < H && finite; ++h) {
-          const float* row = V0 + b * v.stride(0) + h * v.stride(1) + j * v.stride(2);
-          for (int64_t d = 0; d < Dv; ++d) finite = finite && std::isfinite(row[d]);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t j = 0; j < end[b]; ++j) {
+          if (KEEP[b * M + j]) continue;
+          bool finite = true;
+          for (int64_t h = 0; h < H && finite; ++h) {
+            const float* row = V0 + b * v.stride(0) + h * v.stride(1) + j * v.stride(2);
+            for (int64_t d = 0; d < Dv; ++d) finite = finite && std::isfinite(row[d]);
+          }
+          bad[b * M + j] = !finite;
         }
-        if (!finite) bad.emplace_back(b, j);
       }
-    }
-    if (!bad.empty()) {
+    });
+    if (std::find(bad.begin(), bad.end(), 1) != bad.end()) {
       v = v.clone();
-      for (const auto& [b, j] : bad) v.select(0, b).select(1, j).zero_();
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j = 0; j < M; ++j) {
+          if (bad[b * M + j]) v.select(0, b).select(1, j).zero_();
+        }
+      }
     }
   }
   const float* V = v.data_ptr<float>();

@@ -139,32 +139,79 @@ class MaskedAttention(nn.Module):
         return _output(self.adds_input, self.o, ctx, x, self.out_drop)
 
     def _attend(self, q, k, v, attn_mask, is_causal, bias=None):
-        """The attention core. Without dropout, with no mask or a key-padding one, and with or
-        without an additive ``bias`` it is the dispatcher's ``attention`` op (any qk / v widths);
-        other masks (per-query masks, HF's additive ones it cannot read as key padding) and
-        attention dropout go to SDPA (the bias tiled into its mask), with CPU widths padded for its
-        flash kernel."""
-        drop = self.attn_drop if self.training else 0.0
-        if drop == 0.0:
-            keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device, queries=q.shape[2])
-            if keys is not False:
-                return spp_kernels.attention(q, k, v, self.scale, keys, is_causal, bias=bias)
-        if is_causal and (attn_mask is not None or bias is not None):  # SDPA takes no mask with is_causal
-            attn_mask = spp_kernels.reference.sdpa_mask_and(
-                attn_mask, spp_kernels.reference.causal_keep(q.shape[2], k.shape[2], q.device))
-            is_causal = False
-        if bias is not None:
-            attn_mask = spp_kernels.reference.sdpa_mask_plus(
-                attn_mask, spp_kernels.reference.tile_bias(bias, q.shape[0]).to(q.dtype))
-        Dv = v.shape[-1]
-        q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal,
-                                              scale=self.scale)[..., :Dv]
+        return attention_core(q, k, v, attn_mask, is_causal, bias, self.scale,
+                              self.attn_drop if self.training else 0.0)
 
     def extra_repr(self) -> str:
         state = "masked" if self.qk_slot is not None else "pruned"
         return (f"heads={self.num_heads}, qk_dim={self.qk_dim}, v_dim={self.v_dim}, scale={self.scale:.6g}, {state}"
                 + (", adds its input" if self.adds_input else ""))
+
+
+def traced() -> bool:
+    """Under torch.compile, torch.export and torch.jit tracing. The layers then read no tensor
+    value on the host: a read would break the compiled graph, fail export, or be baked into a
+    trace as a constant (a trace made on an unpadded batch would then ignore every later mask)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Tensor], scale: float,
+                   drop: float = 0.0) -> torch.Tensor:
+    """The attention core of :class:`MaskedAttention`, (B, H, N, Dv). Without dropout, with no mask
+    or a key-padding one, and with or without an additive ``bias`` it is the dispatcher's
+    ``attention`` op (any qk / v widths); other masks (per-query masks, HF's additive ones it cannot
+    read as key padding) and attention dropout go to SDPA (the bias tiled into its mask), with CPU
+    widths padded for its flash kernel.
+
+    Under torch.compile, CPU fp32 inference calls this function whole as one opaque op
+    (``spp_layers::attention``), so the compiled model keeps the extension's attention kernel and
+    reads its masks as eager code does; every other compiled or exported call (gradients, other
+    devices and dtypes, torch.export) traces through it reading no value (:func:`traced`): bool
+    masks as they are, additive ones to SDPA."""
+    if drop == 0.0 and _opaque_attention(q, k, v, bias):
+        B, H, N, _ = q.shape
+        out = torch.ops.spp_layers.attention(q, k, v, attn_mask, bias, float(scale), bool(is_causal))
+        return out.view(B, N, H, v.shape[-1]).transpose(1, 2)
+    if drop == 0.0:
+        keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device, queries=q.shape[2])
+        if keys is not False:
+            return spp_kernels.attention(q, k, v, scale, keys, is_causal, bias=bias)
+    if is_causal and (attn_mask is not None or bias is not None):  # SDPA takes no mask with is_causal
+        attn_mask = spp_kernels.reference.sdpa_mask_and(
+            attn_mask, spp_kernels.reference.causal_keep(q.shape[2], k.shape[2], q.device))
+        is_causal = False
+    if bias is not None:
+        attn_mask = spp_kernels.reference.sdpa_mask_plus(
+            attn_mask, spp_kernels.reference.tile_bias(bias, q.shape[0]).to(q.dtype))
+    Dv = v.shape[-1]
+    q, k, v = spp_kernels.reference.pad_for_cpu_flash(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal,
+                                          scale=scale)[..., :Dv]
+
+
+def _opaque_attention(q, k, v, bias) -> bool:
+    """Whether :func:`attention_core` runs as the opaque ``spp_layers::attention`` op: under
+    torch.compile (not export: an exported program keeps to ATen ops), fp32 CPU tensors, no
+    gradient needed (the op has no backward)."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (q, k, v)):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)))
+
+
+@torch.library.custom_op("spp_layers::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
+    """:func:`attention_core` without dropout, run eagerly, as (B, N, H·Dv)."""
+    B, H, N, _ = q.shape
+    out = attention_core(q, k, v, attn_mask, is_causal, bias, scale)
+    return out.transpose(1, 2).reshape(B, N, H * v.shape[-1])
+
+
+@_attention_op.register_fake
+def _(q, k, v, attn_mask, bias, scale, is_causal):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1] * v.shape[-1]))
 
 
 def hf_attention(module: nn.Module, config, default_fn, q, k, v, attention_mask, **kwargs):
@@ -243,6 +290,8 @@ def key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device
     version counter, so it is read every time)."""
     if attn_mask is None:
         return None
+    if traced():
+        return _key_padding(attn_mask, batch, keys, device, queries, reads=False)
     return spp_kernels.reference.remembered(attn_mask, ("key_padding", batch, keys, device, queries,
                                                         attn_mask.requires_grad),
                                             lambda: _key_padding(attn_mask, batch, keys, device, queries))
@@ -260,7 +309,7 @@ def causal_key_padding(attn_mask: torch.Tensor, batch: int, queries: int, keys: 
     read: SDPA gives those rows 0 as the op does (forward and gradients; since torch 2.5, whose
     SDPA zeroes rows without a key — with an older torch such masks stay with the model's
     function). Remembered per mask, like :func:`key_padding`."""
-    if device is not None and torch.device(device) != attn_mask.device:
+    if traced() or (device is not None and torch.device(device) != attn_mask.device):
         return False
     return spp_kernels.reference.remembered(attn_mask, ("causal_key_padding", batch, queries, keys,
                                                         attn_mask.requires_grad),
@@ -297,7 +346,7 @@ def _keep_of(m: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, device: Optional[torch.device] = None,
-                 queries: Optional[int] = None):
+                 queries: Optional[int] = None, reads: bool = True):
     """An SDPA-style mask as the (B, M) bool key-padding mask of ``spp_kernels.attention``, or
     False where it is not one (the caller then keeps it for SDPA, with SDPA's exact semantics).
 
@@ -310,13 +359,14 @@ def _key_padding(attn_mask: Optional[torch.Tensor], batch: int, keys: int, devic
     entry is 0 or "minus infinity" (≤ half the dtype's lowest value, as Hugging Face builds them)
     and no batch row masks every key (SDPA averages over all keys there, the op would give 0).
     A mask that requires grad or lives on another device than ``device`` is left to SDPA.
-    On CPU a mask that masks nothing gives None."""
+    On CPU a mask that masks nothing gives None. ``reads=False`` (under torch.compile / export and
+    tracing, see :func:`traced`): no value is read, on any device, as on an accelerator."""
     if attn_mask is None:
         return None
     m = attn_mask
     if m.requires_grad or (device is not None and m.device != torch.device(device)):
         return False
-    on_cpu = m.device.type == "cpu"
+    on_cpu = reads and m.device.type == "cpu"  # (values are read on CPUs only)
     if m.dim() == 4:
         if m.shape[1] != 1 or (queries is not None and m.shape[2] not in (1, queries)):
             return False

@@ -102,6 +102,52 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     return (_state or onednn_status())[0]
 
 
+def _fast_compiled(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor]) -> bool:
+    """Under torch.compile: whether the product runs as the opaque ``spp_kernels::linear`` op (and
+    so on oneDNN), as :func:`_fast` decides in eager code, for inference only. Inductor lowers
+    ``mkldnn._linear_pointwise`` only for weights it has frozen into constants, and ``F.linear``
+    would run on the BLAS path this module avoids. Not under torch.export: an exported program
+    keeps to ATen ops."""
+    if torch.compiler.is_exporting() or torch.is_grad_enabled() and (
+            x.requires_grad or W.requires_grad or (b is not None and b.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        return False
+    if x.dtype != _F32 or W.dtype != _F32 or W.dim() != 2 or x.dim() == 0 or x.device.type != "cpu" \
+            or W.device.type != "cpu":
+        return False
+    K = x.shape[-1]
+    if K != W.shape[1] or K == 0 or x.numel() // K * W.shape[0] * K < MIN_MACS:
+        return False
+    if b is not None and (b.dtype != _F32 or b.device.type != "cpu" or b.shape != (W.shape[0],)):
+        return False
+    if residual is not None and (residual.dtype != _F32 or residual.device.type != "cpu"):
+        return False
+    return _onednn_ok()
+
+
+@torch.compiler.assume_constant_result
+def _onednn_ok() -> bool:
+    # decided once, outside the graph (its self-test runs real products); SPP_BACKEND is read
+    # when a graph is traced
+    return not _torch_forced() and onednn_status()[0]
+
+
+@torch.library.custom_op("spp_kernels::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], act: str,
+               residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`linear` run eagerly (its oneDNN route), for compiled graphs."""
+    return linear(x, W, b, act, residual).contiguous()
+
+
+@_linear_op.register_fake
+def _(x, W, b, act, residual):
+    shape = (*x.shape[:-1], W.shape[0])
+    if residual is not None:
+        shape = torch.broadcast_shapes(shape, residual.shape)
+    return x.new_empty(shape)
+
+
 def _torch_forced() -> bool:
     return os.environ.get("SPP_BACKEND", "").strip().lower() == "torch"
 
@@ -159,6 +205,9 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
     post = _POST_OPS.get("none" if act is None else act) if isinstance(act, (str, type(None))) else None
     if post is None:
         reference.activation(act)  # raises, naming the activations, for an unknown one
+    elif _compiling():
+        if _fast_compiled(x, W, b, residual):
+            return torch.ops.spp_kernels.linear(x, W, b, "none" if act is None else act, residual)
     elif _fast(x, W, b):
         if _needs_grad(x, W, b):  # training: the products on oneDNN, activation and residual in torch
             return _finish(_OneDNNLinear.apply(x, W, b), act, residual)

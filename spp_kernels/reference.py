@@ -419,9 +419,10 @@ def sdpa_only():
 
 
 def _host_reads_ok(*ts: Optional[torch.Tensor]) -> bool:
-    """False under torch.compile and where a torch.func transform (vmap, grad, jvp) wraps any of
-    ``ts``: ``out=`` calls and host reads of tensor values break the graph or fail there."""
-    if torch.compiler.is_compiling():
+    """False under torch.compile / torch.export, under torch.jit tracing and where a torch.func
+    transform (vmap, grad, jvp) wraps any of ``ts``: ``out=`` calls and host reads of tensor values
+    break the graph or fail there, and a trace would keep a value read as a constant."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
 

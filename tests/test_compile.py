@@ -1,0 +1,259 @@
+"""Pruned models under torch.compile, torch.export and torch.jit.trace.
+
+Every family compiles as one graph (``fullgraph=True``) and exports, and both agree with the eager
+model; an exported program holds ATen ops only and keeps reading its masks (a batch padded
+differently from the one it was exported with gives the eager result); so does a jit trace made
+on an unpadded batch. fp32 CPU inference under torch.compile runs the attention core and the
+large products as the opaque ops ``spp_layers::attention`` / ``spp_kernels::linear`` (the eager
+kernels: the extension's attention, oneDNN products); with gradients the graph traces through
+them, and the gradients agree with eager ones.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import spp
+import spp_kernels
+import spp_kernels._linear as lin_mod
+import tiny_models as tm
+from helpers import bert_batch, make, quiet_search
+
+ONEDNN = lin_mod.onednn_status()[0]
+FAMILIES = ("bert", "vit", "swin", "llama", "opt", "clip")
+TOL = dict(atol=2e-5, rtol=2e-5)  # fp32; routes differ (SDPA vs the chunked / fused attention)
+
+
+def _build(family: str):
+    """(model, batch, another batch with other padding) for one family."""
+    if family in ("bert", "vit"):
+        model, batch = make(family)
+        if family == "vit":
+            return model, batch, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+        other = bert_batch(5)
+        other["attention_mask"][0, 4:] = 0
+        other["attention_mask"][1] = 1
+        return model, batch, other
+    if family == "swin":
+        return tm.tiny_swin(), tm.image_batch(), tm.image_batch(3)
+    if family in ("llama", "opt"):
+        model = tm.tiny_llama() if family == "llama" else tm.tiny_opt()
+        other = tm.token_batch(4)
+        other["attention_mask"][0, 7:] = 0
+        other["attention_mask"][1] = 1
+        return model, tm.token_batch(), other
+    model, batch = tm.tiny_clip(), tm.clip_batch()
+    other = tm.clip_batch(2)
+    other["attention_mask"][0, 5:] = 0
+    return model, batch, other
+
+
+def _kwargs(family: str, batch):
+    if not isinstance(batch, dict):
+        return (batch,), {}
+    if family in ("llama", "opt"):  # a cache object is no tensor output: export refuses it
+        return (), dict(batch, use_cache=False)
+    return (), dict(batch)
+
+
+def _tensors(family: str, out, batch) -> list[torch.Tensor]:
+    """The outputs to compare; token outputs at real (not padded) positions only."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if family == "clip":
+        return [out.logits_per_image, out.text_embeds, out.image_embeds]
+    keep = batch["attention_mask"].bool()
+    if family == "bert":
+        return [out.last_hidden_state[keep], out.pooler_output]
+    return [out.logits[keep]]
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **TOL)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pruned(request):
+    family = request.param
+    model, batch, other = _build(family)
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5)).eval()
+    spp.detach(model)
+    return family, small, batch, other
+
+
+def _run(family, m, batch):
+    args, kw = _kwargs(family, batch)
+    return _tensors(family, m(*args, **kw), batch)
+
+
+def _ops(graphs) -> set[str]:
+    return {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+def _recording(graphs: list):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def test_compiles_as_one_graph_and_matches_eager(pruned):
+    family, small, batch, other = pruned
+    torch._dynamo.reset()
+    graphs: list = []
+    c = torch.compile(small, backend=_recording(graphs), fullgraph=True)
+    with torch.no_grad():
+        for b in (batch, other):
+            _close(_run(family, c, b), _run(family, small, b))
+    ops = _ops(graphs)
+    if family in ("bert", "vit", "swin"):  # MaskedAttention's core, opaque: the eager kernels
+        assert "spp_layers.attention" in ops, sorted(ops)
+    else:  # Hugging Face's attention function: traced through (SDPA on the model's mask)
+        assert not any("spp_layers" in o for o in ops), sorted(ops)
+
+
+def test_aot_compiled_outputs_match_eager(pruned):
+    family, small, batch, other = pruned
+    torch._dynamo.reset()
+    c = torch.compile(small, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for b in (batch, other):
+            _close(_run(family, c, b), _run(family, small, b))
+
+
+def test_exports_to_aten_and_keeps_reading_masks(pruned):
+    family, small, batch, other = pruned
+    args, kw = _kwargs(family, batch)
+    with torch.no_grad():
+        ep = torch.export.export(small, args, kw)
+        ops = _ops([ep.graph_module])
+        assert not any("spp" in o for o in ops), sorted(ops)
+        for b in (batch, other):  # `other` pads differently: the program must not hold batch's mask
+            _close(_run(family, ep.module(), b), _run(family, small, b))
+
+
+def test_jit_trace_on_an_unpadded_batch_keeps_the_mask_live():
+    """A trace reads no mask value: one made on a batch without padding (where the eager layers
+    would drop the mask as 'masks nothing') still applies a later batch's padding."""
+    model, batch = make("bert")
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5)).eval()
+    spp.detach(model)
+    small.config.return_dict = False
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    assert not bool(am.all())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values
+        traced = torch.jit.trace(small, (ids, torch.ones_like(am)), strict=False)
+        got, want = traced(ids, am)[0], small(ids, am)[0]
+    keep = am.bool()
+    torch.testing.assert_close(got[keep], want[keep], **TOL)
+
+
+def test_compiled_training_step_traces_through_and_matches_eager_gradients():
+    model, batch = make("bert")
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5)).train()
+    spp.detach(model)
+    keep = batch["attention_mask"].bool()
+
+    def loss_of(m):
+        out = m(**batch)
+        return out.last_hidden_state[keep].square().mean() + out.pooler_output.sum()
+
+    params = [p for p in small.parameters() if p.requires_grad]
+    eager = torch.autograd.grad(loss_of(small), params)
+    torch._dynamo.reset()
+    graphs: list = []
+    c = torch.compile(small, backend=_recording(graphs), fullgraph=True)
+    got = torch.autograd.grad(loss_of(c), params)
+    assert not any("spp_layers" in o or "spp_kernels" in o for o in _ops(graphs))  # no backward there
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+# --- spp_kernels.linear under torch.compile -------------------------------------------------------
+
+BIG = (3, 37, 200, 300)  # 111 rows x 300 outputs x 200 inputs = 6.7M multiply-adds >= MIN_MACS
+SMALL = (2, 5, 24, 40)
+
+
+def _linear_inputs(shape, seed=0, residual=False):
+    B, N, K, O = shape
+    g = torch.Generator().manual_seed(seed)
+    x, W, b = torch.randn(B, N, K, generator=g), torch.randn(O, K, generator=g), torch.randn(O, generator=g)
+    r = torch.randn(B, N, O, generator=g) if residual else None
+    return x, W, b, r
+
+
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear_compiled_is_the_eager_op(act, residual):
+    x, W, b, r = _linear_inputs(BIG, 1, residual)
+    torch._dynamo.reset()
+    graphs: list = []
+    f = torch.compile(lambda *a: spp_kernels.linear(*a), backend=_recording(graphs), fullgraph=True)
+    with torch.no_grad():
+        got = f(x, W, b, act, r)
+        want = spp_kernels.linear(x, W, b, act, r)
+    assert ("spp_kernels.linear" in _ops(graphs)) == ONEDNN
+    assert torch.equal(got, want)  # the same primitive, called eagerly inside the op
+
+
+def test_linear_compiled_small_or_with_gradients_is_traced_through():
+    torch._dynamo.reset()
+    graphs: list = []
+    f = torch.compile(lambda *a: spp_kernels.linear(*a), backend=_recording(graphs), fullgraph=True)
+    x, W, b, _ = _linear_inputs(SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x, W, b, "gelu"), spp_kernels.linear(x, W, b, "gelu"), **TOL)
+    x, W, b, _ = _linear_inputs(BIG)
+    W.requires_grad_(True)
+    f(x, W, b, "relu").sum().backward()
+    W2 = W.detach().clone().requires_grad_(True)
+    spp_kernels.linear(x, W2, b, "relu").sum().backward()
+    torch.testing.assert_close(W.grad, W2.grad, atol=1e-3, rtol=1e-4)
+    assert not any("spp_kernels" in o for o in _ops(graphs)), sorted(_ops(graphs))
+
+
+def test_custom_ops_pass_opcheck():
+    x, W, b, r = _linear_inputs(BIG, 2, residual=True)
+    torch.library.opcheck(torch.ops.spp_kernels.linear.default, (x, W, b, "gelu", None))
+    torch.library.opcheck(torch.ops.spp_kernels.linear.default, (x, W, b, "none", r))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, d, generator=g) for d in (5, 5, 6))
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 4:] = False
+    hf_mask = torch.zeros(2, 1, 1, 7).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    for mask in (None, keep[:, None, None, :], hf_mask):
+        torch.library.opcheck(torch.ops.spp_layers.attention.default, (q, k, v, mask, None, 0.4, False))
+    bias = torch.randn(1, 3, 7, 7, generator=g)
+    torch.library.opcheck(torch.ops.spp_layers.attention.default, (q, k, v, None, bias, 0.4, True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "swin"])
+def test_inductor_compiled_model_matches_eager(family):
+    """The default backend (Inductor, C++ code generated and built here) on a pruned model, with a
+    product large enough for the oneDNN op."""
+    model, batch, other = _build(family)
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5)).eval()
+    spp.detach(model)
+    torch._dynamo.reset()
+    c = torch.compile(small, fullgraph=True)
+    with torch.no_grad():
+        for b in (batch, other):
+            _close(_run(family, c, b), _run(family, small, b))
+        x, W, b_, r = _linear_inputs(BIG, 4, residual=True)
+        f = torch.compile(lambda *a: spp_kernels.linear(*a), fullgraph=True)
+        torch.testing.assert_close(f(x, W, b_, None, r), spp_kernels.linear(x, W, b_, None, r), **TOL)

@@ -15,7 +15,9 @@ ranking (speed depends on the widths only; these are meant for a GPU run).
 
     .venv/bin/python benchmarks/bench_pruned_vs_dense.py [--models minilm] [--batches 1 64] [--quick]
 
-Rows go to benchmarks/results/pruned_vs_dense_<device>.csv (and a PNG beside it).
+Rows go to benchmarks/results/pruned_vs_dense_<device>.csv (and a PNG beside it). ``--compile``
+runs every model under torch.compile (Inductor by default; each model and batch shape compiles in
+its untimed warm-up calls) and writes pruned_vs_dense_<device>_compiled.csv.
 """
 from __future__ import annotations
 
@@ -107,7 +109,8 @@ def run_model(name, args, device, dtype, rows):
     spp.detach(model)  # the dense model runs its own, unmasked modules
     rows += bench.pruned_vs_dense(model, path, inputs, name=name, seq=seq, flops=args.flops, round_to=args.round_to,
                                   batches=args.batches, repeats=args.repeats, burst=args.burst, latency_table=table,
-                                  latency=args.latency or (), references=not args.no_references)
+                                  latency=args.latency or (), references=not args.no_references,
+                                  compile=args.compile)
 
 
 def main():
@@ -132,6 +135,9 @@ def main():
     ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
                     help="retain (default): glibc keeps freed memory, so neither model pays page faults per "
                     "forward; default: the C library as it comes (see spp.bench.retain_freed_memory)")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="run every model (dense, pruned, references) under torch.compile with this backend "
+                    "(default inductor); results go to pruned_vs_dense_<device>_compiled.csv")
     args = ap.parse_args()
     if args.malloc == "retain" and not bench.retain_freed_memory():
         print(f"--malloc retain: the C library refused (malloc column: {bench.malloc_setting()})", flush=True)
@@ -145,7 +151,7 @@ def main():
     models = args.models or (["minilm"] if device.type == "cpu" else ["minilm", "deit_s", "deit_b", "bert_base", "llama"])
     rows = []
     tag = "cuda" if device.type == "cuda" else "cpu"
-    path = os.path.join(args.out, f"pruned_vs_dense_{tag}.csv")
+    path = os.path.join(args.out, f"pruned_vs_dense_{tag}{'_compiled' if args.compile else ''}.csv")
     failed = []
     for name in models:
         try:

@@ -202,6 +202,9 @@ def pruned_tables(path: str) -> list[str]:
     dev += f"; pruned layers' linears: {', '.join(linears)}"
     bursts = sorted({r.get("burst") or "1 (not recorded)" for r in rows})
     dev += f"; calls per turn: {', '.join(bursts)}"
+    compiled = sorted({r.get("compile") or "" for r in rows} - {""})
+    if compiled:
+        dev += f"; every model under torch.compile ({', '.join(compiled)})"
     body = [[r["model"], r["dtype"], r["seq"], r["batch"], r["target"], r["round_to"], fmt(num(r["flops_ratio"])),
              fmt(num(r["dense_per_s"]), 4), fmt(num(r["pruned_per_s"]), 4), f"{num(r['speedup']):.2f}x",
              f"{num(r['ideal_speedup']):.2f}x", f"{num(r['efficiency']):.2f}", _opt(r, "efficiency_vs_full_width"), _opt(r, "proportional")] for r in rows]

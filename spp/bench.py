@@ -44,7 +44,7 @@ import torch
 FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "target", "round_to", "flops_ratio",
           "params_ratio", "dense_per_s", "pruned_per_s", "speedup", "ideal_speedup", "efficiency",
           "skeleton_per_s", "skeleton_flops_ratio", "proportional", "full_width_per_s", "efficiency_vs_full_width",
-          "latency_predicted", "malloc", "linear", "burst", "widths")
+          "latency_predicted", "malloc", "linear", "burst", "compile", "widths")
 
 # Calls per turn in side_by_side, the first untimed. On the 2-core dev machine, batch 1, MiniLM
 # pruned to 0.3 of the FLOPs took 6.2 ms a call when its calls alternated with the dense and
@@ -179,15 +179,34 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     flops: Sequence[float] = (0.7, 0.5, 0.3), round_to: Sequence[int] = (1, 8),
                     batches: Sequence[int] = (1, 64), repeats: int = 7, burst: int = BURST, latency_table=None,
                     latency: Sequence[float] = (), log: Optional[Callable[[str], None]] = print,
-                    references: bool = True) -> list[dict]:
+                    references: bool = True, compile: Optional[str] = None) -> list[dict]:
     """Rows of dense vs physically pruned throughput for each target × round_to × batch.
 
     model: the dense model (not attached); path: its SolutionPath; inputs(batch) -> model inputs
     at sequence ``seq``. ``latency`` targets (with ``latency_table``) add rows whose masks come
     from ``path.masks(latency=…)``; their ``latency_predicted`` is the table's prediction.
     ``references``: also time :func:`skeleton` and the full-width model in the same rounds and fill
-    ``proportional`` and ``efficiency_vs_full_width`` (else NaN)."""
+    ``proportional`` and ``efficiency_vs_full_width`` (else NaN). ``compile``: a torch.compile
+    backend ("inductor") that every timed model, the dense one included, runs under (its
+    compilation happens in the warm-up calls, untimed); None: eager."""
     from .prune import prune
+
+    compiled = {}
+
+    def run(m):
+        if compile is None:
+            return m
+        if id(m) not in compiled:
+            compiled[id(m)] = (m, torch.compile(m, backend=compile, dynamic=False))
+        return compiled[id(m)][1]
+
+    if compile is not None:  # every pruned model and batch shape is one more entry of the same code objects
+        import torch._dynamo as dynamo  # (binds dynamo only: a bare `import torch._dynamo` makes torch local)
+
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 256))
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -211,7 +230,7 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                 models = {"dense": model, "pruned": small}
                 if references:
                     models["skeleton"], models["full_width"] = skel, full
-                sec = side_by_side(models, inputs(b), repeats, burst)
+                sec = side_by_side({k: run(m) for k, m in models.items()}, inputs(b), repeats, burst)
                 speed = sec["dense"] / sec["pruned"]
                 prop = vs_full = float("nan")
                 if references:
@@ -232,11 +251,13 @@ def pruned_vs_dense(model, path, inputs: Callable[[int], object], *, name: str, 
                     "efficiency_vs_full_width": round(vs_full, 3),
                     "latency_predicted": round(masks.meta.get("latency_kept_fraction_predicted", float("nan")), 4),
                     "malloc": malloc_setting(), "linear": linear_setting(device, dtype), "burst": burst,
+                    "compile": compile or "",
                     "widths": " ".join(str(w) for w in masks.widths().values())})
                 if log is not None:
                     log(f"{name} {kind}={target:g} round_to={rt} batch={b}: FLOPs ratio {ratio:.3f}, speed-up "
                         f"{speed:.2f}x of ideal {1 / ratio:.2f}x (efficiency {speed * ratio:.2f}, "
                         f"vs the full-width model {vs_full:.2f}, proportional {prop:.2f})")
+            compiled.pop(id(small), None)
             del small
     return rows
 

@@ -323,7 +323,7 @@ def cmd_bench(a) -> int:
     rows = bench.pruned_vs_dense(model, path, inputs, name=a.model, seq=a.seq, flops=a.flops, round_to=a.round_to,
                                  batches=a.batches, repeats=a.repeats,
                                  burst=bench.BURST if a.burst is None else a.burst, latency_table=table,
-                                 latency=a.latency or ())
+                                 latency=a.latency or (), compile=a.compile)
     os.makedirs(a.out, exist_ok=True)
     bench.write_csv(rows, os.path.join(a.out, "bench.csv"))
     bench.plot(rows, os.path.join(a.out, "bench.png"))
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--burst", type=_positive, default=None,
                    help="calls per model turn, the first untimed (default 2; 1: single interleaved calls, caches cold)")
     b.add_argument("--threads", type=_positive, default=None)
+    b.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="time every model under torch.compile with this backend (default inductor)")
     b.add_argument("--malloc", choices=("retain", "default"), default="retain",
                    help="retain (default): glibc keeps freed memory, so no model pays page faults per forward "
                    "(recorded in the CSV's malloc column)")

@@ -8,7 +8,7 @@ import torch
 import spp
 from spp import bench
 from spp.latency import LatencyTable, predicted_ms, profile, width_grid
-from helpers import HEAD_DIM, HIDDEN, make, quiet_search
+from helpers import HEAD_DIM, HIDDEN, bert_batch, make, quiet_search
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,29 @@ def test_skeleton_keeps_one_unit_per_pair(searched):
         out = sk(**batch).last_hidden_state
     assert out.shape[-1] == HIDDEN and torch.isfinite(out).all()
     assert bench.count_flops(sk, batch) < 0.2 * bench.count_flops(handle.model, batch)
+
+
+def test_pruned_vs_dense_under_torch_compile_times_compiled_models():
+    """``compile=``: every timed model runs compiled (the backend sees each model at each batch
+    shape) and the rows say so."""
+    model, batch = make("bert", seed=0)
+    handle = spp.attach(model, seq_len=11)
+    path = quiet_search(handle, batch, steps=12)
+    spp.detach(model)
+    seen = []
+
+    def inputs(b):
+        return {k: v[:b] for k, v in bert_batch(1, batch=max(b, 2)).items()}
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    rows = bench.pruned_vs_dense(model, path, inputs, name="tiny", seq=11, flops=[0.5], round_to=[1],
+                                 batches=[2, 3], repeats=1, log=seen.append, compile="aot_eager")
+    assert [r["compile"] for r in rows] == ["aot_eager", "aot_eager"]
+    assert all(r["speedup"] > 0 for r in rows) and len(seen) == 2
+    # dense, pruned, skeleton and full width, each at two batch sizes: at least 8 graphs
+    assert counters["stats"]["unique_graphs"] - before >= 8
+    eager = bench.pruned_vs_dense(model, path, inputs, name="tiny", seq=11, flops=[0.5], round_to=[1],
+                                  batches=[2], repeats=1, log=None)
+    assert eager[0]["compile"] == ""

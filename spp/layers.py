@@ -168,7 +168,7 @@ def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Ten
     reads its masks as eager code does; every other compiled or exported call (gradients, other
     devices and dtypes, torch.export) traces through it reading no value (:func:`traced`): bool
     masks as they are, additive ones to SDPA."""
-    if drop == 0.0 and _opaque_attention(q, k, v, bias):
+    if drop == 0.0 and _opaque_attention(q, k, v, attn_mask, bias):
         B, H, N, _ = q.shape
         out = torch.ops.spp_layers.attention(q, k, v, attn_mask, bias, float(scale), bool(is_causal))
         return out.view(B, N, H, v.shape[-1]).transpose(1, 2)
@@ -189,7 +189,7 @@ def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Ten
                                           scale=scale)[..., :Dv]
 
 
-def _opaque_attention(q, k, v, bias) -> bool:
+def _opaque_attention(q, k, v, attn_mask, bias) -> bool:
     """Whether :func:`attention_core` runs as the opaque ``spp_layers::attention`` op: under
     torch.compile (not export: an exported program keeps to ATen ops), fp32 CPU tensors, no
     gradient needed (the op has no backward)."""
@@ -197,7 +197,8 @@ def _opaque_attention(q, k, v, bias) -> bool:
         return False
     if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (q, k, v)):
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)))
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask, bias)))
 
 
 @torch.library.custom_op("spp_layers::attention", mutates_args=())

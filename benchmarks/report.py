@@ -233,6 +233,21 @@ def memory_tables(path: str) -> list[str]:
             + table(["model", "dtype", "batch x seq", "checkpointing", "weights GB", "peak GB", "s / step"], body)]
 
 
+def compile_tables(path: str) -> list[str]:
+    rows = read(path)
+    if not rows:
+        return []
+    r0 = rows[0]
+    body = [[r["model"], r["batch"], r["variant"], fmt(num(r["flops_ratio"])), fmt(num(r["eager_per_s"]), 4),
+             fmt(num(r["compiled_per_s"]), 4), f"{num(r['compiled_vs_eager']):.2f}x", r["compile_s"], r["max_abs_diff"]]
+            for r in rows]
+    return [f"**eager vs torch.compile** ({r0['device']}, {r0['dtype']}, {r0['threads']} threads, backend "
+            f"{r0['backend']}; each model eager and compiled side by side in one run, the compile time in its first "
+            f"call; `results/{os.path.basename(path)}`, `benchmarks/bench_compile.py`):\n\n"
+            + table(["model", "batch", "variant", "FLOPs ratio", "eager /s", "compiled /s", "compiled / eager",
+                     "compile s", "max abs diff"], body)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--readme", action="store_true", help="replace the results block of README.md")
@@ -241,6 +256,8 @@ def main() -> None:
     parts, pngs = [], []
     for p in sorted(glob.glob(os.path.join(RESULTS, "pruned_vs_dense_*.csv"))):
         parts += pruned_tables(p)
+    for p in sorted(glob.glob(os.path.join(RESULTS, "compile_*.csv"))):
+        parts += compile_tables(p)
     for p in sorted(glob.glob(os.path.join(RESULTS, "kernels_*.csv"))):
         parts += kernel_tables(p)
         if not a.no_plots:

@@ -6,7 +6,8 @@
 #
 # A device call runs at most 10 minutes: split the run, e.g. ONLY="install tests" first, then
 # ONLY="install bench_inclusion_step bench_pair_matmul bench_masked_linear bench_attention" and
-# ONLY="install bench_search_step bench_pruned_vs_dense search_memory" (install is quick once built).
+# ONLY="install bench_search_step bench_pruned_vs_dense search_memory" (install is quick once built);
+# bench_compile (eager vs torch.compile) when time is left.
 # The machine has no internet: packages its image lacks are installed from ./.gpu-wheels when that
 # folder is carried (pip download hypothesis -d .gpu-wheels); the preflight lists what is missing,
 # and the benchmarks skip the models whose packages are absent (the embedded MiniLM needs
@@ -74,6 +75,7 @@ stage bench_masked_linear 240 $PY benchmarks/bench_masked_linear.py --device cud
 stage bench_attention 300 $PY benchmarks/bench_attention.py $Q --out "$OUT/attention_cuda.csv"
 stage bench_search_step 180 $PY benchmarks/bench_search_step.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
 stage bench_pruned_vs_dense 420 $PY benchmarks/bench_pruned_vs_dense.py $Q ${MODELS:+--models $MODELS} --out "$OUT"
+stage bench_compile 300 $PY benchmarks/bench_compile.py ${QUICK:+--flops 0.5 --batches 1 --repeats 3} --out "$OUT"
 # docs/memory.md's computed 7B figures, measured (random bf16 weights, with/without checkpointing)
 stage search_memory 300 $PY benchmarks/search_memory.py ${QUICK:+--shapes 1x2048} --out "$OUT/search_memory_cuda.csv"
 

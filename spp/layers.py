@@ -156,7 +156,7 @@ def traced() -> bool:
 
 
 def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Tensor], scale: float,
-                   drop: float = 0.0) -> torch.Tensor:
+                   drop: float = 0.0, opaque: bool = True) -> torch.Tensor:
     """The attention core of :class:`MaskedAttention`, (B, H, N, Dv). Without dropout, with no mask
     or a key-padding one, and with or without an additive ``bias`` it is the dispatcher's
     ``attention`` op (any qk / v widths); other masks (per-query masks, HF's additive ones it cannot
@@ -167,8 +167,9 @@ def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Ten
     (``spp_layers::attention``), so the compiled model keeps the extension's attention kernel and
     reads its masks as eager code does; every other compiled or exported call (gradients, other
     devices and dtypes, torch.export) traces through it reading no value (:func:`traced`): bool
-    masks as they are, additive ones to SDPA."""
-    if drop == 0.0 and _opaque_attention(q, k, v, attn_mask, bias):
+    masks as they are, additive ones to SDPA. ``opaque=False``: never the op (its own body; the
+    compile flag is process-wide, so an eager call may see it set while another thread compiles)."""
+    if opaque and drop == 0.0 and _opaque_attention(q, k, v, attn_mask, bias):
         B, H, N, _ = q.shape
         out = torch.ops.spp_layers.attention(q, k, v, attn_mask, bias, float(scale), bool(is_causal))
         return out.view(B, N, H, v.shape[-1]).transpose(1, 2)
@@ -206,7 +207,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
                   bias: Optional[torch.Tensor], scale: float, is_causal: bool) -> torch.Tensor:
     """:func:`attention_core` without dropout, run eagerly, as (B, N, H·Dv)."""
     B, H, N, _ = q.shape
-    out = attention_core(q, k, v, attn_mask, is_causal, bias, scale)
+    out = attention_core(q, k, v, attn_mask, is_causal, bias, scale, opaque=False)
     return out.transpose(1, 2).reshape(B, N, H * v.shape[-1])
 
 

@@ -11,9 +11,12 @@ at about half oneDNN's speed, and at a third to a quarter on the narrow widths p
 cost (about 15 µs) outweighs the gain, so small products stay on ``F.linear``.
 
 Where gradients are needed (fine-tuning a pruned model) the forward runs unfused on oneDNN and
-the backward's products (dx, dW) too. The plain path is taken whenever the fast one might change
-more than rounding: other devices and dtypes, ``torch.compile`` / tracing, torch.func
-transforms and an active dispatch mode (``FlopCounterMode`` must count these products).
+the backward's products (dx, dW) too. Under ``torch.compile`` the no-gradient case runs as the
+opaque op ``spp_kernels::linear`` (Inductor lowers oneDNN linears only for weights it has frozen
+into constants; ``F.linear`` would take the BLAS path). The plain path is taken whenever the fast
+one might change more than rounding: other devices and dtypes, compiled training,
+``torch.export`` and jit tracing, torch.func transforms and an active dispatch mode
+(``FlopCounterMode`` must count these products).
 ``SPP_BACKEND=torch`` or ``SPP_ONEDNN_LINEAR=0`` keeps every product on ``F.linear``.
 """
 from __future__ import annotations
@@ -137,7 +140,7 @@ def _onednn_ok() -> bool:
 def _linear_op(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], act: str,
                residual: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`linear` run eagerly (its oneDNN route), for compiled graphs."""
-    return linear(x, W, b, act, residual).contiguous()
+    return _linear_eager(x, W, b, act, residual).contiguous()
 
 
 @_linear_op.register_fake
@@ -202,12 +205,20 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
     output), as ``F.linear`` computes it up to fp32 rounding. No mask: the pruned model's layers,
     whose masks are folded into their weights. On oneDNN a residual of the output's shape (and
     no activation) is added in the GEMM's epilogue, saving a pass over the output."""
+    if _compiling() and _fast_compiled(x, W, b, residual) and isinstance(act, (str, type(None))) \
+            and ("none" if act is None else act) in _POST_OPS:
+        return torch.ops.spp_kernels.linear(x, W, b, "none" if act is None else act, residual)
+    return _linear_eager(x, W, b, act, residual)
+
+
+def _linear_eager(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], act: Optional[str],
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`linear` without the compiled graph's op (that op's body: the compile flag is
+    process-wide, so an eager call may see it set while another thread compiles; ``_fast`` then
+    keeps ``F.linear``)."""
     post = _POST_OPS.get("none" if act is None else act) if isinstance(act, (str, type(None))) else None
     if post is None:
         reference.activation(act)  # raises, naming the activations, for an unknown one
-    elif _compiling():
-        if _fast_compiled(x, W, b, residual):
-            return torch.ops.spp_kernels.linear(x, W, b, "none" if act is None else act, residual)
     elif _fast(x, W, b):
         if _needs_grad(x, W, b):  # training: the products on oneDNN, activation and residual in torch
             return _finish(_OneDNNLinear.apply(x, W, b), act, residual)

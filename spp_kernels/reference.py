@@ -438,7 +438,8 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     fused: bool = False) -> bool:
     """Whether :func:`sdpa_attention` takes :func:`cpu_chunked_attention` (inference and training
     alike): fp32 CPU tensors that no torch.func transform (vmap, grad) wraps, outside
-    torch.compile (compiled graphs keep SDPA); SDPA's flash kernel not switched off
+    torch.compile, export and jit tracing (graphs traced through keep SDPA; compiled fp32 CPU
+    inference runs spp.layers' attention eagerly inside an opaque op); SDPA's flash kernel not switched off
     (``sdpa_kernel(MATH)`` keeps SDPA's math path exactly); not inside :func:`sdpa_only`; one
     head's (N, M) scores within ``CPU_SCORE_CHUNK_BYTES`` (longer sequences keep flash, whose
     memory does not grow with N·M); and unequal qk / v widths (flash would need them padded) or an

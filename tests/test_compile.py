@@ -257,3 +257,62 @@ def test_inductor_compiled_model_matches_eager(family):
         x, W, b_, r = _linear_inputs(BIG, 4, residual=True)
         f = torch.compile(lambda *a: spp_kernels.linear(*a), fullgraph=True)
         torch.testing.assert_close(f(x, W, b_, None, r), spp_kernels.linear(x, W, b_, None, r), **TOL)
+
+
+def test_ops_do_not_recurse_when_the_compile_flag_is_set_elsewhere(monkeypatch):
+    """torch's compile flag is process-wide: an eager call can see it set while another thread
+    compiles. The public functions then call the ops, whose bodies must not call them again."""
+    x, W, b, r = _linear_inputs(BIG, 5, residual=True)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 7, d, generator=g) for d in (5, 5, 6))
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[1, ..., 4:] = False
+    with torch.no_grad():
+        want_lin = spp_kernels.linear(x, W, b, "gelu", None)
+        want_res = spp_kernels.linear(x, W, b, None, r)
+        want_att = spp.layers.attention_core(q, k, v, keep, False, None, 0.4)
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+        assert torch.compiler.is_compiling()
+        got_lin = spp_kernels.linear(x, W, b, "gelu", None)
+        got_res = spp_kernels.linear(x, W, b, None, r)
+        got_att = spp.layers.attention_core(q, k, v, keep, False, None, 0.4)
+    torch.testing.assert_close(got_lin, want_lin, atol=1e-4, rtol=1e-4)  # F.linear inside the op there
+    torch.testing.assert_close(got_res, want_res, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_att, want_att, **TOL)
+
+
+def test_compiled_model_runs_its_products_as_the_linear_op(monkeypatch):
+    """With the size threshold lowered, a tiny pruned BERT's products (the residual ones in the
+    GEMM's epilogue included) are spp_kernels::linear nodes of the compiled graph."""
+    if not ONEDNN:
+        pytest.skip(lin_mod.onednn_status()[1])
+    monkeypatch.setattr(lin_mod, "MIN_MACS", 1)
+    model, batch, other = _build("bert")
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5)).eval()
+    spp.detach(model)
+    torch._dynamo.reset()
+    graphs: list = []
+    c = torch.compile(small, backend=_recording(graphs), fullgraph=True)
+    with torch.no_grad():
+        for b in (batch, other):
+            _close(_run("bert", c, b), _run("bert", small, b))
+    nodes = [n for g in graphs for n in g.graph.nodes if "spp_kernels.linear" in str(n.target)]
+    # q, k, v, o and fc1, fc2 in each of 2 layers; o and fc2 add their block's input
+    assert len(nodes) == 12, len(nodes)
+    assert sum(n.args[4] is not None for n in nodes) == 4
+
+
+def test_dynamic_shapes_compile_once_for_other_batch_and_sequence_sizes():
+    model, batch = make("bert")
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5)).eval()
+    spp.detach(model)
+    torch._dynamo.reset()
+    c = torch.compile(small, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for b_, n in ((3, 11), (5, 9), (2, 13)):
+            x = bert_batch(b_, batch=b_, seq=n)
+            _close(_run("bert", c, x), _run("bert", small, x))

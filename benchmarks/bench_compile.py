@@ -53,7 +53,9 @@ def main():
     spp.detach(model)
     import torch._dynamo as dynamo
 
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 256)
+    for knob in ("recompile_limit", "cache_size_limit"):  # (the name changed across torch versions)
+        if hasattr(dynamo.config, knob):
+            setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 256))
     dense_flops = bench.count_flops(model, inputs(1))
     variants = {"dense": model, "full_width": prune(model, path.masks(keep=1.0, round_to=1)).eval()}
     for f in args.flops:

@@ -76,14 +76,20 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor]):
         torch.testing.assert_close(x, y, **TOL)
 
 
+def _prune_half(model, batch):
+    """``model`` (left unattached) pruned to half its units, read off a short search on ``batch``."""
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5))
+    spp.detach(model)
+    return small
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def pruned(request):
     family = request.param
     model, batch, other = _build(family)
-    handle = spp.attach(model)
-    path = quiet_search(handle, batch, steps=12)
-    small = spp.prune(model, path.masks(keep=0.5)).eval()
-    spp.detach(model)
+    small = _prune_half(model, batch).eval()
     return family, small, batch, other
 
 
@@ -142,10 +148,7 @@ def test_jit_trace_on_an_unpadded_batch_keeps_the_mask_live():
     """A trace reads no mask value: one made on a batch without padding (where the eager layers
     would drop the mask as 'masks nothing') still applies a later batch's padding."""
     model, batch = make("bert")
-    handle = spp.attach(model)
-    path = quiet_search(handle, batch, steps=12)
-    small = spp.prune(model, path.masks(keep=0.5)).eval()
-    spp.detach(model)
+    small = _prune_half(model, batch).eval()
     small.config.return_dict = False
     ids, am = batch["input_ids"], batch["attention_mask"]
     assert not bool(am.all())
@@ -159,10 +162,7 @@ def test_jit_trace_on_an_unpadded_batch_keeps_the_mask_live():
 
 def test_compiled_training_step_traces_through_and_matches_eager_gradients():
     model, batch = make("bert")
-    handle = spp.attach(model)
-    path = quiet_search(handle, batch, steps=12)
-    small = spp.prune(model, path.masks(keep=0.5)).train()
-    spp.detach(model)
+    small = _prune_half(model, batch).train()
     keep = batch["attention_mask"].bool()
 
     def loss_of(m):
@@ -245,10 +245,7 @@ def test_inductor_compiled_model_matches_eager(family):
     """The default backend (Inductor, C++ code generated and built here) on a pruned model, with a
     product large enough for the oneDNN op."""
     model, batch, other = _build(family)
-    handle = spp.attach(model)
-    path = quiet_search(handle, batch, steps=12)
-    small = spp.prune(model, path.masks(keep=0.5)).eval()
-    spp.detach(model)
+    small = _prune_half(model, batch).eval()
     torch._dynamo.reset()
     c = torch.compile(small, fullgraph=True)
     with torch.no_grad():
@@ -288,10 +285,7 @@ def test_compiled_model_runs_its_products_as_the_linear_op(monkeypatch):
         pytest.skip(lin_mod.onednn_status()[1])
     monkeypatch.setattr(lin_mod, "MIN_MACS", 1)
     model, batch, other = _build("bert")
-    handle = spp.attach(model)
-    path = quiet_search(handle, batch, steps=12)
-    small = spp.prune(model, path.masks(keep=0.5)).eval()
-    spp.detach(model)
+    small = _prune_half(model, batch).eval()
     torch._dynamo.reset()
     graphs: list = []
     c = torch.compile(small, backend=_recording(graphs), fullgraph=True)
@@ -306,10 +300,7 @@ def test_compiled_model_runs_its_products_as_the_linear_op(monkeypatch):
 
 def test_dynamic_shapes_compile_once_for_other_batch_and_sequence_sizes():
     model, batch = make("bert")
-    handle = spp.attach(model)
-    path = quiet_search(handle, batch, steps=12)
-    small = spp.prune(model, path.masks(keep=0.5)).eval()
-    spp.detach(model)
+    small = _prune_half(model, batch).eval()
     torch._dynamo.reset()
     c = torch.compile(small, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.no_grad():

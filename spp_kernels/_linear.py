@@ -205,9 +205,10 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor] = None,
     output), as ``F.linear`` computes it up to fp32 rounding. No mask: the pruned model's layers,
     whose masks are folded into their weights. On oneDNN a residual of the output's shape (and
     no activation) is added in the GEMM's epilogue, saving a pass over the output."""
-    if _compiling() and _fast_compiled(x, W, b, residual) and isinstance(act, (str, type(None))) \
-            and ("none" if act is None else act) in _POST_OPS:
-        return torch.ops.spp_kernels.linear(x, W, b, "none" if act is None else act, residual)
+    if _compiling():
+        name = "none" if act is None else act
+        if isinstance(name, str) and name in _POST_OPS and _fast_compiled(x, W, b, residual):
+            return torch.ops.spp_kernels.linear(x, W, b, name, residual)
     return _linear_eager(x, W, b, act, residual)
 
 

@@ -8,8 +8,10 @@ untimed warm-up calls (the compile time is reported separately); the timing is
 turn). Also checks that the compiled pruned model agrees with the eager one.
 
     .venv/bin/python benchmarks/bench_compile.py [--flops 0.7 0.5 0.3] [--batches 1 64] [--repeats 11]
+    .venv/bin/python benchmarks/bench_compile.py --option realize_opcount_threshold=0
 
-Rows go to benchmarks/results/compile_<device>.csv.
+Rows go to benchmarks/results/compile_<device>.csv, or with ``--option`` (Inductor settings for
+these compilations only, ``torch.compile(options=…)``) to compile_<device>_<key>.csv.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import spp  # noqa: E402
 from spp import bench  # noqa: E402
 from spp.prune import prune  # noqa: E402
 
-FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "variant", "flops_ratio", "backend", "eager_per_s",
+FIELDS = ("model", "device", "dtype", "threads", "batch", "seq", "variant", "flops_ratio", "backend", "options",
+          "eager_per_s",
           "compiled_per_s", "compiled_vs_eager", "compile_s", "max_abs_diff", "linear", "malloc")
 
 
@@ -40,8 +43,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an Inductor setting for these compilations (a Python literal value), repeatable")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    import ast
+
+    options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.option)}
     bench.retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,12 +71,12 @@ def main():
     ratios = {k: bench.count_flops(m, inputs(1)) / dense_flops for k, m in variants.items()}
     rows = []
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = os.path.join(args.out, f"compile_{tag}.csv")
+    out = os.path.join(args.out, f"compile_{tag}{''.join('_' + k for k in options)}.csv")
     for b in args.batches:
         x = inputs(b)
         models, compile_s, diff = {}, {}, {}
         for k, m in variants.items():
-            c = torch.compile(m, backend=args.backend, dynamic=False)
+            c = torch.compile(m, backend=args.backend, dynamic=False, options=options or None)
             with torch.no_grad():
                 t = time.perf_counter()
                 got = bench.call(c, x).last_hidden_state
@@ -80,6 +88,7 @@ def main():
             rows.append({"model": "minilm", "device": bench.device_name(device), "dtype": str(dtype).replace("torch.", ""),
                          "threads": torch.get_num_threads(), "batch": b, "seq": seq, "variant": k,
                          "flops_ratio": round(ratios[k], 4), "backend": args.backend,
+                         "options": " ".join(f"{a}={b}" for a, b in options.items()),
                          "eager_per_s": round(b / sec[k], 3), "compiled_per_s": round(b / sec[k + " compiled"], 3),
                          "compiled_vs_eager": round(sec[k] / sec[k + " compiled"], 3),
                          "compile_s": round(compile_s[k], 1), "max_abs_diff": f"{diff[k]:.2e}",

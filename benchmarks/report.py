@@ -241,8 +241,9 @@ def compile_tables(path: str) -> list[str]:
     body = [[r["model"], r["batch"], r["variant"], fmt(num(r["flops_ratio"])), fmt(num(r["eager_per_s"]), 4),
              fmt(num(r["compiled_per_s"]), 4), f"{num(r['compiled_vs_eager']):.2f}x", r["compile_s"], r["max_abs_diff"]]
             for r in rows]
+    opts = r0.get("options") or ""
     return [f"**eager vs torch.compile** ({r0['device']}, {r0['dtype']}, {r0['threads']} threads, backend "
-            f"{r0['backend']}; each model eager and compiled side by side in one run, the compile time in its first "
+            f"{r0['backend']}{' with ' + opts if opts else ''}; each model eager and compiled side by side in one run, the compile time in its first "
             f"call; `results/{os.path.basename(path)}`, `benchmarks/bench_compile.py`):\n\n"
             + table(["model", "batch", "variant", "FLOPs ratio", "eager /s", "compiled /s", "compiled / eager",
                      "compile s", "max abs diff"], body)]

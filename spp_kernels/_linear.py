@@ -89,9 +89,8 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     # cheapest rejections first: most calls of a small model end at the size check
     if _compiling() or x.dtype is not _F32 or W.dtype is not _F32 or W.dim() != 2 or x.dim() == 0:
         return False  # (torch.compile first: Dynamo traces that flag, not the checks after it)
-    K = x.shape[-1]
-    if K != W.shape[1] or K == 0 or x.numel() // K * W.shape[0] * K < MIN_MACS:
-        return False  # (a size mismatch: F.linear says what is wrong)
+    if not _big_enough(x, W):
+        return False  # (or a size mismatch: F.linear says what is wrong)
     if not (x.is_cpu and W.is_cpu) or type(x) is not torch.Tensor:  # (is_cpu: no device object)
         return False  # other devices; tensor subclasses (fake tensors, …)
     if _func_wrapped(x) or _func_wrapped(W):
@@ -103,6 +102,12 @@ def _fast(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
     if _torch_forced():
         return False
     return (_state or onednn_status())[0]
+
+
+def _big_enough(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """Shapes that fit (K = W's input width, not 0) and at least :data:`MIN_MACS` multiply-adds."""
+    K = x.shape[-1]
+    return K == W.shape[1] and K != 0 and x.numel() // K * W.shape[0] * K >= MIN_MACS
 
 
 def _fast_compiled(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor],
@@ -119,8 +124,7 @@ def _fast_compiled(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor],
     if x.dtype != _F32 or W.dtype != _F32 or W.dim() != 2 or x.dim() == 0 or x.device.type != "cpu" \
             or W.device.type != "cpu":
         return False
-    K = x.shape[-1]
-    if K != W.shape[1] or K == 0 or x.numel() // K * W.shape[0] * K < MIN_MACS:
+    if not _big_enough(x, W):
         return False
     if b is not None and (b.dtype != _F32 or b.device.type != "cpu" or b.shape != (W.shape[0],)):
         return False

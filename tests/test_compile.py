@@ -122,6 +122,9 @@ def test_compiles_as_one_graph_and_matches_eager(pruned):
         assert "spp_layers.attention" in ops, sorted(ops)
     else:  # Hugging Face's attention function: traced through (SDPA on the model's mask)
         assert not any("spp_layers" in o for o in ops), sorted(ops)
+    # BERT's encoder hands all its layers one built mask, once per forward (graph per batch shape)
+    one = [n for g in graphs for n in g.graph.nodes if "spp_layers.one_mask" in str(n.target)]
+    assert len(one) == (len(graphs) if family == "bert" else 0), (len(one), len(graphs))
 
 
 def test_aot_compiled_outputs_match_eager(pruned):
@@ -307,3 +310,33 @@ def test_dynamic_shapes_compile_once_for_other_batch_and_sequence_sizes():
         for b_, n in ((3, 11), (5, 9), (2, 13)):
             x = bert_batch(b_, batch=b_, seq=n)
             _close(_run("bert", c, x), _run("bert", small, x))
+
+
+def test_bert_encoder_mask_hook_is_on_pruned_models_and_survives_save_and_load(tmp_path):
+    model, batch, _ = _build("bert")
+    handle = spp.attach(model)
+    path = quiet_search(handle, batch, steps=12)
+    small = spp.prune(model, path.masks(keep=0.5))
+    spp.detach(model)
+
+    def hooks(m):
+        return [h for h in m.encoder._forward_pre_hooks.values() if h.__name__ == "_one_mask_hook"]
+
+    assert len(hooks(small)) == 1 and not hooks(model)  # the dense model is left as it was
+    spp.save_pruned(small, str(tmp_path / "p"))
+    loaded = spp.load_pruned(str(tmp_path / "p")).eval()
+    assert len(hooks(loaded)) == 1
+    torch._dynamo.reset()
+    graphs: list = []
+    c = torch.compile(loaded, backend=_recording(graphs), fullgraph=True)
+    with torch.no_grad():
+        _close(_run("bert", c, batch), _run("bert", small.eval(), batch))
+    assert sum("spp_layers.one_mask" in o for o in _ops(graphs)) == 1
+    with torch.no_grad():  # eager: the hook changes nothing (the mask reaches the layers as it was)
+        seen = []
+        h = loaded.encoder.layer[0].attention.self.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw.get("attention_mask", args[1] if len(args) > 1 else None)),
+            with_kwargs=True)
+        loaded(**batch)
+        h.remove()
+    assert seen and seen[0].dtype == torch.bool and seen[0].shape[-1] == batch["input_ids"].shape[1]

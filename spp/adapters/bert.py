@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..layers import MaskedAttention, MaskedMlp, fuse_residual
+from ..layers import MaskedAttention, MaskedMlp, fuse_residual, one_mask
 from .base import Adapter
 
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -33,6 +33,18 @@ class NormOnly(nn.Module):
 
     def forward(self, hidden_states, input_tensor=None):
         return self.LayerNorm(hidden_states)
+
+
+def _one_mask_hook(encoder, args, kwargs):
+    """A pruned BERT's encoder pre-hook: every layer gets one built attention mask under
+    torch.compile (:func:`spp.layers.one_mask`); nothing changes elsewhere."""
+    if not torch.compiler.is_compiling():
+        return None
+    if "attention_mask" in kwargs:
+        return args, dict(kwargs, attention_mask=one_mask(kwargs["attention_mask"]))
+    if len(args) > 1:
+        return (args[0], one_mask(args[1]), *args[2:]), kwargs
+    return None
 
 
 def _encoder(model: nn.Module):
@@ -89,6 +101,12 @@ class BertAdapter(Adapter):
     def replace(self, block, attn, mlp):
         block.attention.self = attn
         block.intermediate = mlp
+
+    def prune_(self, model, kept):
+        super().prune_(model, kept)
+        enc = _encoder(model)
+        if _one_mask_hook not in enc._forward_pre_hooks.values():
+            enc.register_forward_pre_hook(_one_mask_hook, with_kwargs=True)
 
     def finish_pruned(self, block, attn, mlp):
         """LayerNorm(dropout(pair(x)) + x) → the pair adds x (in its GEMM) and the block only normalises."""

@@ -198,8 +198,7 @@ def _opaque_attention(q, k, v, attn_mask, bias) -> bool:
         return False
     if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in (q, k, v)):
         return False
-    return not (torch.is_grad_enabled()
-                and any(t is not None and t.requires_grad for t in (q, k, v, attn_mask, bias)))
+    return not spp_kernels.reference._needs_grad(q, k, v, attn_mask, bias)
 
 
 @torch.library.custom_op("spp_layers::attention", mutates_args=())

@@ -117,9 +117,7 @@ def _fast_compiled(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor],
     ``mkldnn._linear_pointwise`` only for weights it has frozen into constants, and ``F.linear``
     would run on the BLAS path this module avoids. Not under torch.export: an exported program
     keeps to ATen ops."""
-    if torch.compiler.is_exporting() or torch.is_grad_enabled() and (
-            x.requires_grad or W.requires_grad or (b is not None and b.requires_grad)
-            or (residual is not None and residual.requires_grad)):
+    if torch.compiler.is_exporting() or reference._needs_grad(x, W, b, residual):
         return False
     if x.dtype != _F32 or W.dtype != _F32 or W.dim() != 2 or x.dim() == 0 or x.device.type != "cpu" \
             or W.device.type != "cpu":

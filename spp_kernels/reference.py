@@ -308,8 +308,16 @@ def check_attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None) 
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
             raise TypeError("attn_mask must be a bool tensor (True = attend) or None")
-        if attn_mask.shape != (B, k.shape[2]):
-            raise ValueError(f"attn_mask must be (batch, key tokens) = {(B, k.shape[2])}, got {tuple(attn_mask.shape)}")
+        M = k.shape[2]
+        if attn_mask.dim() == 4:
+            if attn_mask.shape[0] not in (1, B) or attn_mask.shape[1] not in (1, H) or attn_mask.shape[2:] != (N, M):
+                raise ValueError(f"a 4-D attn_mask must be (batch or 1, heads or 1, queries, keys) = "
+                                 f"({B} or 1, {H} or 1, {N}, {M}), got {tuple(attn_mask.shape)}")
+        elif attn_mask.shape != (B, M):
+            raise ValueError(f"attn_mask must be (batch, key tokens) = {(B, M)} or (batch or 1, heads or 1, "
+                             f"queries, keys), got {tuple(attn_mask.shape)}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
     if bias is not None:
         check_bias(bias, q, k.shape[2])
 
@@ -355,19 +363,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     either may be any size (pruned attention).
 
     q: (B, H, N, D) float; k: (B, H, M, D); v: (B, H, M, Dv); scale: the *original* model's scale
-    (pruning must not change it); attn_mask: (B, M) bool key-padding mask (True = attend) or None;
+    (pruning must not change it); attn_mask: None, a (B, M) bool key-padding mask (True = attend),
+    or a bool (B | 1, H | 1, N, M) mask as SDPA takes it (a key per query: padded or causal batches
+    as Hugging Face materialises them, any other pattern);
     is_causal: query i attends keys j <= i + M - N (both may be given: a key must pass both);
     bias: None or a finite float (Bb, Hb, N, M) added to the scaled scores, Hb in {1, H}, Bb
     dividing B with batch row b adding ``bias[b % Bb]`` (Swin's relative position bias plus its
     shifted-window mask: windows of every image share them); differentiable.
     Returns (B, H, N, Dv) in q's dtype; softmax in fp32. A query row with no key to attend gives
     zeros. Keys and values at masked-out (padding) positions never reach the output, not even when
-    they hold inf or NaN."""
+    they hold inf or NaN (with a 4-D mask: keys that no query of the batch row attends; a key
+    masked for some queries and attended by others is used, and must be finite there, as in SDPA)."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
     allowed = None
     if attn_mask is not None:
-        allowed = attn_mask[:, None, None, :]
-        k, v = _drop_masked(k, v, attn_mask)  # p = 0 there, but 0 * inf is NaN (in dq = dS k too)
+        padding = padding_of(attn_mask, q.shape[0])
+        allowed = padding[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+        k, v = _drop_masked(k, v, padding)  # p = 0 there, but 0 * inf is NaN (in dq = dS k too)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if bias is not None:
         s = s + tile_bias(bias, q.shape[0]).float()
@@ -425,6 +437,15 @@ def _host_reads_ok(*ts: Optional[torch.Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
+
+
+def padding_of(attn_mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """The (B, M) key padding of an ``attention`` mask: itself for a (B, M) one; for a 4-D
+    (B | 1, H | 1, N, M) mask, the keys some query of some head of the batch row attends (a key
+    no query attends is padding: its k and v are never read). Computed on the device, no read."""
+    if attn_mask.dim() == 2:
+        return attn_mask
+    return attn_mask.any(2).any(1).expand(batch, attn_mask.shape[-1])
 
 
 def _drop_masked(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor):
@@ -759,6 +780,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     masked keys' values out of its output, inf and NaN included, and set rows without keys to 0:
     its calls skip the output sum check above (with gradients, k and v are summed instead)."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
+    if attn_mask is not None and attn_mask.dim() == 4:
+        return _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))
     if check and fused is not None and use_cpu_chunked(q, k, v, attn_mask, bias, True):
@@ -776,6 +799,26 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         k, v = _drop_masked(k, v, attn_mask)
         out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias, fused)
     return out
+
+
+def _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias=None) -> torch.Tensor:
+    """:func:`sdpa_attention` with a 4-D bool mask, reading no value: keys no query attends zeroed
+    (:func:`padding_of`), the mask (with the causal one and the bias) handed to SDPA, and query
+    rows without a key made to attend every key inside SDPA, so that neither its forward nor its
+    backward meets an all-masked row, then set to 0."""
+    N, M = q.shape[2], k.shape[2]
+    k, v = _drop_masked(k, v, padding_of(attn_mask, q.shape[0]))
+    mask = attn_mask
+    if is_causal:
+        mask = mask & causal_keep(N, M, q.device)
+    empty = ~mask.any(-1, keepdim=True)
+    mask = mask | empty
+    if bias is not None:
+        mask = sdpa_mask_plus(mask, tile_bias(bias, q.shape[0]).to(q.dtype))
+    Dv = v.shape[-1]
+    q, k, v = pad_for_cpu_flash(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :Dv]
+    return out.masked_fill(empty, 0.0)
 
 
 def _needs_grad(*ts: Optional[torch.Tensor]) -> bool:

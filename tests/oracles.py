@@ -41,10 +41,28 @@ def oracle_pair(x, W1, b1, m, W2, b2, act, active=None):
 
 def oracle_attention(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     """Attention from its formula in float64, one query row at a time (explicit exp-normalise;
-    a row with no key to attend is 0). ``bias`` (Bb, Hb, N, M): batch row b adds bias[b % Bb]."""
+    a row with no key to attend is 0). ``bias`` (Bb, Hb, N, M): batch row b adds bias[b % Bb].
+    ``attn_mask``: (B, M) key padding or a 4-D (B | 1, H | 1, N, M) bool mask."""
     q, k, v = q.double(), k.double(), v.double()
     B, H, N, _ = q.shape
     M = k.shape[2]
+    if attn_mask is not None and attn_mask.dim() == 4:  # one query row of one head at a time
+        m = attn_mask.expand(B, H, N, M)
+        out = torch.zeros(B, H, N, v.shape[3], dtype=torch.float64)
+        for b in range(B):
+            for h in range(H):
+                for i in range(N):
+                    allowed = m[b, h, i].clone()
+                    if is_causal:
+                        allowed &= torch.arange(M) <= i + (M - N)
+                    if not allowed.any():
+                        continue
+                    s = (k[b, h, allowed] @ q[b, h, i]) * scale
+                    if bias is not None:
+                        s = s + bias[b % bias.shape[0], h % bias.shape[1], i, allowed].double()
+                    w = torch.exp(s - s.max())
+                    out[b, h, i] = (w / w.sum()) @ v[b, h, allowed]
+        return out
     out = torch.zeros(B, H, N, v.shape[3], dtype=torch.float64)
     for b in range(B):
         for i in range(N):

@@ -69,7 +69,7 @@ def attention64(q, k, v, scale, attn_mask=None, is_causal=False, bias=None):
     N, M = q.shape[2], k.shape[2]
     allowed = None
     if attn_mask is not None:
-        allowed = attn_mask[:, None, None, :]
+        allowed = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
     if is_causal:
         causal = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
         allowed = causal if allowed is None else allowed & causal
@@ -203,7 +203,7 @@ def test_right_padded_rows_stop_at_their_last_kept_key(causal):
     lengths = torch.tensor([75, 3, 40, 0, 33], device=DEVICE)
     attn_mask = torch.arange(75, device=DEVICE)[None, :] < lengths[:, None]
     attn_mask[2, 10] = False  # a hole before the end
-    _, kend = tri._mask_args(q, attn_mask)
+    _, kend, *_ = tri._mask_args(q, attn_mask)
     assert kend.tolist() == [75, 3, 40, 0, 33]
     check_forward_backward(q, k, v, 0.3, attn_mask, causal, dtype, msg=f"right padded, causal={causal}")
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -215,7 +215,7 @@ def test_right_padded_rows_stop_at_their_last_kept_key(causal):
 
 
 def test_key_padding_arguments_are_computed_once_per_mask():
-    q = torch.zeros(1, device=DEVICE)
+    q = torch.zeros(2, device=DEVICE)
     mask = torch.arange(9, device=DEVICE)[None, :] < torch.tensor([[9], [4]], device=DEVICE)
     first = tri._mask_args(q, mask)
     again = tri._mask_args(q, mask)  # every layer of a forward passes the same mask: no new launches
@@ -493,12 +493,14 @@ def test_empty_token_counts(N, M):
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("kind", ["none", "padding", "causal", "ragged", "bias"])
+@pytest.mark.parametrize("kind", ["none", "padding", "causal", "ragged", "bias", "full_mask"])
 def test_opcheck(kind):
     """torch.library.opcheck on the forward op (schema, fake tensor, autograd registration,
     aot dispatch) and on the backward op."""
     q, k, v = inputs((2, 2, 7, 5, 9), torch.float32)
     attn_mask, is_causal = mask_args("padding" if kind == "padding" else "none", 2, 7)
+    if kind == "full_mask":
+        attn_mask = full_mask_of("per_query", 2, 1, 7, 7)
     is_causal = kind == "causal"
     qkw, vw = (torch.tensor([5, 3], dtype=torch.int32), torch.tensor([2, 9], dtype=torch.int32)) if kind == "ragged" \
         else (None, None)
@@ -527,3 +529,125 @@ def test_torch_compile_fullgraph_matches_eager():
     ge = torch.autograd.grad(loss(*eager_args), eager_args)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ 4-D bool masks, read per tile
+FULL_MASK_SHAPES = [(3, 1), (1, 2), (3, 2), (1, 1)]  # (Kb, Kh) for B = 3, H = 2
+
+
+def full_mask_of(kind, Kb, Kh, N, M, seed=3):
+    """A bool (Kb, Kh, N, M) mask. "per_query": random, with a query row that sees no key and a
+    key that no query sees; "hf_padding": key padding materialised per query, as Hugging Face
+    builds a padded BERT batch's "sdpa" mask; "hf_causal_left": causal ∧ left padding, as it
+    builds a padded decoder batch's (the first queries of a left-padded row see no key)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "per_query":
+        m = torch.rand(Kb, Kh, N, M, generator=g) < 0.6
+        m[..., N // 2, :] = False
+        m[..., M // 3] = False
+    else:
+        lengths = torch.randint(1, M - 2, (Kb,), generator=g)
+        lengths[-1] = M if Kb > 1 else lengths[-1]  # one row unpadded, where there are several
+        pad = torch.arange(M)[None, :] < lengths[:, None]
+        pad = pad[:, None, :]  # (Kb, 1, M): the same keys for every query
+        if kind == "hf_causal_left":
+            pad = pad.flip(-1) & torch.ones(N, M, dtype=torch.bool).tril(M - N)
+        m = pad[:, None].expand(Kb, Kh, N, M).contiguous()
+    return m.to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["mask", "mask_and_causal"])
+@pytest.mark.parametrize("kind", ["per_query", "hf_padding", "hf_causal_left"])
+@pytest.mark.parametrize("km", FULL_MASK_SHAPES, ids=lambda km: f"Kb{km[0]}_Kh{km[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_full_mask_forward_backward(dtype, km, kind, causal):
+    """A 4-D (B | 1, H | 1, N, M) bool mask read per tile, alone and with is_causal, forward and
+    dq / dk / dv against float64 autograd; the row without keys gives 0, the mask matters."""
+    B, H, N, M, D, Dv = 3, 2, 37, 41, 11, 6
+    q, k, v = inputs((B, H, N, D, Dv), dtype, seed=12, M=M)
+    mask = full_mask_of(kind, *km, N, M)
+    out = check_forward_backward(q, k, v, 0.3, mask, causal, dtype, msg=f"{km} {kind} causal={causal}")
+    if kind == "per_query":
+        assert torch.all(out[:, :, N // 2] == 0)
+    assert (out - tri.attention(q, k, v, 0.3, None, causal)).abs().max() > 0.1
+
+
+def test_materialised_padding_mask_equals_key_padding_bit_for_bit():
+    """Hugging Face's padded-batch mask, materialised as (B, 1, N, M), runs the same blocks as the
+    (B, M) key padding it encodes: the same row ends (padding past a row's last key is skipped)
+    and the same bits, forward and backward."""
+    B, H, N, D, Dv = 4, 2, 70, 9, 12
+    q, k, v = inputs((B, H, N, D, Dv), torch.float32, seed=4)
+    pad = torch.arange(N, device=DEVICE)[None, :] < torch.tensor([70, 5, 33, 1], device=DEVICE)[:, None]
+    full = pad[:, None, None, :].expand(B, 1, N, N).contiguous()
+    assert tri._mask_args(q, full)[1].tolist() == [70, 5, 33, 1]
+    outs, grads = [], []
+    for mask in (pad, full):
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = tri.attention(qg, kg, vg, 0.3, mask)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out)))
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+def test_full_mask_keeps_inf_and_nan_at_keys_no_query_attends_out(dtype):
+    """Keys that no query of a batch row attends are that row's padding: their k and v are never
+    loaded, so inf / NaN there reach neither the output nor any gradient."""
+    B, H, N, D, Dv = 3, 2, 21, 7, 5
+    q, k, v = inputs((B, H, N, D, Dv), dtype, seed=8)
+    mask = full_mask_of("per_query", B, 1, N, N)
+    dead = N // 3  # full_mask_of leaves this key out for every query
+    clean = check_forward_backward(q, k, v, 0.3, mask, False, dtype, msg="clean")
+    k, v = k.clone(), v.clone()
+    k[0, :, dead] = float("inf")
+    v[1, :, dead] = float("nan")
+    v[2, 0, dead] = float("-inf")
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention(qg, kg, vg, 0.3, mask)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), torch.ones_like(out))
+    assert torch.equal(out, clean)
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.all(dk[:, :, dead] == 0) and torch.all(dv[:, :, dead] == 0)
+
+
+def test_full_mask_with_bias_and_ragged_widths():
+    """The 4-D mask together with an additive (Bb, Hb, N, M) bias and per-head widths, against
+    float64 autograd."""
+    B, H, N, D, Dv = 3, 2, 23, 10, 8
+    q, k, v = inputs((B, H, N, D, Dv), torch.float32, seed=13)
+    mask = full_mask_of("per_query", B, H, N, N)
+    bias = bias_of((1, H), N, N)
+    qkw, vw = torch.tensor([10, 4]), torch.tensor([3, 8])
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tri.attention_ragged(qg, kg, vg, 0.3, qkw, vw, mask, False, bias)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    grads = torch.autograd.grad(out, (qg, kg, vg), do)
+    t64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = ragged_reference(*t64, 0.3, qkw, vw, mask, False, bias)
+    want = torch.autograd.grad(ref, t64, do.double())
+    assert_close(out.cpu(), ref.cpu(), torch.float32, N, msg="full mask + bias + ragged out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(a.cpu(), b.cpu(), torch.float32, N, msg=f"full mask + bias + ragged {name}")
+
+
+def test_full_mask_arguments_are_computed_once_per_mask():
+    """The key padding, row ends and int8 copy of a 4-D mask are made once per mask (every layer
+    of a forward passes the same one) and again when it changes in place."""
+    q = torch.zeros(2, device=DEVICE)
+    mask = full_mask_of("hf_padding", 2, 1, 6, 9)
+    first = tri._mask_args(q, mask)
+    again = tri._mask_args(q, mask)
+    assert all(a is b for a, b in zip(again[:3], first[:3])) and first[3:] == (2, 1)
+    assert first[1].tolist() == [int(mask[0, 0, 0].sum()), 9] and mask[0, 0, 0].sum() < 9
+    mask[0, 0, 3, 8] = True  # one query now sees the last key: that key is no longer padding
+    assert tri._mask_args(q, mask)[1].tolist() == [9, 9]
+
+
+def test_dispatcher_sends_full_masks_to_the_kernel_on_cuda(monkeypatch):
+    """On CUDA a 4-D mask never counts as fast for SDPA: the kernel runs it (checked through the
+    predicate; the call itself runs where CUDA is present)."""
+    q, k, v = inputs((1, 2, 5, 8, 8), torch.float16)
+    assert not tri.sdpa_is_fast(q, k, v, full_mask_of("per_query", 1, 1, 5, 5), False)

@@ -52,12 +52,17 @@ def _key_ok(offs_n, M, mask_ptr, b, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, key_ok, N, M, IS_CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: key j is allowed (``key_ok``, from :func:`_key_ok`) and is not in
-    the causal future of query i."""
+def _allowed(offs_m, offs_n, key_ok, N, M, IS_CAUSAL: tl.constexpr, keep_ptr, bh, H, KB, KH, HAS_KEEP: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key j is allowed (``key_ok``, from :func:`_key_ok`), is not in
+    the causal future of query i, and (with a 4-D mask) the (Kb, Kh, N, M) int8 keep-mask admits
+    it for the (batch, head) pair ``bh``: row (b % Kb) · Kh + h % Kh, Kb in {1, B}, Kh in {1, H}."""
     ok = (offs_m[:, None] >= 0) & key_ok[None, :]
     if IS_CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
+    if HAS_KEEP:
+        row = ((bh // H) % KB) * KH + (bh % H) % KH
+        ptr = keep_ptr + row * N * M + offs_m[:, None] * M + offs_n[None, :]
+        ok = ok & (tl.load(ptr, mask=(offs_m[:, None] < N) & (offs_n[None, :] < M), other=0) != 0)
     return ok
 
 
@@ -72,11 +77,11 @@ def _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M):
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr,
-    H, N, M, D, DV, scale, BB, HB,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr, keep_ptr,
+    H, N, M, D, DV, scale, BB, HB, KB, KH,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KEEP: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -119,7 +124,7 @@ def _attn_fwd_kernel(
         s = _dot(q, tl.trans(k), IEEE) * scale
         if HAS_BIAS:
             s += _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M)
-        ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL)
+        ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL, keep_ptr, bh, H, KB, KH, HAS_KEEP)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: no NaN
@@ -152,11 +157,11 @@ def _attn_bwd_preprocess(o_ptr, do_ptr, delta_ptr, R, DV, BLOCK_R: tl.constexpr,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr,
-    H, N, M, D, DV, scale, BB, HB,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr, keep_ptr,
+    H, N, M, D, DV, scale, BB, HB, KB, KH,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KEEP: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -207,7 +212,7 @@ def _attn_bwd_dkdv_kernel(
         s = _dot(q, tl.trans(k), IEEE) * scale
         if HAS_BIAS:
             s += _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M)
-        ok = _allowed(offs_m, offs_n, kok, N, M, IS_CAUSAL)
+        ok = _allowed(offs_m, offs_n, kok, N, M, IS_CAUSAL, keep_ptr, bh, H, KB, KH, HAS_KEEP)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # lse = +inf (no key): p = 0
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -222,11 +227,11 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr,
-    H, N, M, D, DV, scale, BB, HB,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, kend_ptr, qkw_ptr, vw_ptr, bias_ptr, keep_ptr,
+    H, N, M, D, DV, scale, BB, HB, KB, KH,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    F32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KEEP: tl.constexpr, F32_DOT: tl.constexpr, IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -273,7 +278,7 @@ def _attn_bwd_dq_kernel(
         s = _dot(q, tl.trans(k), IEEE) * scale
         if HAS_BIAS:
             s += _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M)
-        ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL)
+        ok = _allowed(offs_m, offs_n, nmask, N, M, IS_CAUSAL, keep_ptr, bh, H, KB, KH, HAS_KEEP)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
@@ -305,27 +310,37 @@ def _blocks(D: int, Dv: int, backward: bool, N: int = 1 << 30, M: int = 1 << 30)
 def _meta(q, attn_mask, is_causal, widths, bias):
     ragged = widths is not None
     return dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), RAGGED=ragged,
-                HAS_BIAS=bias is not None, F32_DOT=INTERPRET, IEEE=q.dtype == torch.float32)
+                HAS_BIAS=bias is not None, HAS_KEEP=attn_mask is not None and attn_mask.dim() == 4,
+                F32_DOT=INTERPRET, IEEE=q.dtype == torch.float32)
 
 
 def _mask_args(q, attn_mask):
     """(the key padding as int8 (B, M), each batch row's end of kept keys as int32 (B,): one past
-    its last kept key, 0 when it keeps none), or q as never-read placeholders without a mask. The
-    kernels stop at that end: a right-padded batch's padding costs nothing. Computed on the device
-    (no synchronisation) and remembered per mask (``reference.remembered``): every layer of a
-    forward, and the backward, get the same mask, so its few small launches run once, not per call."""
+    its last kept key, 0 when it keeps none, the 4-D mask as int8 (Kb, Kh, N, M), Kb, Kh), with q
+    as never-read placeholders for what the mask does not give. The key padding of a 4-D mask is
+    the keys some query of the batch row attends (``reference.padding_of``): k and v load as zero
+    elsewhere, and the kernels stop at the row's end, so a right-padded batch's padding costs
+    nothing with either form of mask. Computed on the device (no synchronisation) and remembered
+    per mask (``reference.remembered``): every layer of a forward, and the backward, get the same
+    mask, so its few small launches run once, not per call."""
     if attn_mask is None:
-        return q, q
-    return reference.remembered(attn_mask, "triton_key_padding", lambda: _key_padding_args(attn_mask))
+        return q, q, q, 1, 1
+    B = q.shape[0]
+    return reference.remembered(attn_mask, ("triton_mask", B), lambda: _key_padding_args(attn_mask, B))
 
 
-def _key_padding_args(attn_mask):
-    M = attn_mask.shape[1]
-    mask_t = attn_mask.to(torch.int8).contiguous()
+def _key_padding_args(attn_mask, B: int):
+    keep = attn_mask.to(torch.int8).contiguous() if attn_mask.dim() == 4 else None
+    M = attn_mask.shape[-1]
+    mask_t = reference.padding_of(attn_mask, B).to(torch.int8).contiguous()
     if M == 0:
-        return mask_t, torch.zeros(mask_t.shape[0], dtype=torch.int32, device=mask_t.device)
-    pos = torch.arange(1, M + 1, device=attn_mask.device, dtype=torch.int32)
-    return mask_t, (mask_t.to(torch.int32) * pos).amax(1).to(torch.int32).contiguous()
+        kend = torch.zeros(mask_t.shape[0], dtype=torch.int32, device=mask_t.device)
+    else:
+        pos = torch.arange(1, M + 1, device=attn_mask.device, dtype=torch.int32)
+        kend = (mask_t.to(torch.int32) * pos).amax(1).to(torch.int32).contiguous()
+    if keep is None:
+        return mask_t, kend, mask_t, 1, 1
+    return mask_t, kend, keep, keep.shape[0], keep.shape[1]
 
 
 def _bias_args(q, bias):
@@ -342,12 +357,13 @@ def _forward(q, k, v, scale, attn_mask, is_causal, widths, bias=None):
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     if B * H * N == 0:
         return o, lse
-    mask_t, kend = _mask_args(q, attn_mask)
+    mask_t, kend, keep_t, kb, kh = _mask_args(q, attn_mask)
     qkw, vw = widths if widths is not None else (q, q)
     bias_t, bb, hb = _bias_args(q, bias)
     bm, bn, bd, bdv = _blocks(D, Dv, backward=False, N=N, M=M)
     grid = (B * H, triton.cdiv(N, bm))
-    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, kend, qkw, vw, bias_t, H, N, M, D, Dv, float(scale), bb, hb,
+    _attn_fwd_kernel[grid](q, k, v, o, lse, mask_t, kend, qkw, vw, bias_t, keep_t, H, N, M, D, Dv, float(scale),
+                           bb, hb, kb, kh,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
                            **_meta(q, attn_mask, is_causal, widths, bias))
     return o, lse
@@ -365,15 +381,15 @@ def _backward(do, q, k, v, o, lse, scale, attn_mask, is_causal, widths, bias=Non
     br = 32
     _attn_bwd_preprocess[(triton.cdiv(R, br),)](o, do, delta, R, Dv, BLOCK_R=br,
                                                  BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    mask_t, kend = _mask_args(q, attn_mask)
+    mask_t, kend, keep_t, kb, kh = _mask_args(q, attn_mask)
     qkw, vw = widths if widths is not None else (q, q)
     bias_t, bb, hb = _bias_args(q, bias)
     bm, bn, bd, bdv = _blocks(D, Dv, backward=True, N=N, M=M)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **_meta(q, attn_mask, is_causal, widths, bias))
     _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(M, bn))](q, k, v, do, lse, delta, dk, dv, mask_t, kend, qkw, vw, bias_t,
-                                                       H, N, M, D, Dv, float(scale), bb, hb, **meta)
+                                                       keep_t, H, N, M, D, Dv, float(scale), bb, hb, kb, kh, **meta)
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, bm))](q, k, v, do, lse, delta, dq, mask_t, kend, qkw, vw, bias_t,
-                                                     H, N, M, D, Dv, float(scale), bb, hb, **meta)
+                                                     keep_t, H, N, M, D, Dv, float(scale), bb, hb, kb, kh, **meta)
     return dq, dk, dv
 
 
@@ -434,7 +450,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Triton flash attention with the semantics of :func:`spp_kernels.reference.attention`.
 
     q: (B, H, N, D); k: (B, H, M, D); v: (B, H, M, Dv) (fp32/fp16/bf16, any widths, D != Dv
-    allowed); scale: explicit; attn_mask: (B, M) bool key padding (True = attend) or None;
+    allowed); scale: explicit; attn_mask: None, (B, M) bool key padding (True = attend), or a bool
+    (B | 1, H | 1, N, M) mask read per tile (the keys no query of a batch row attends are its
+    padding: never loaded, and skipped past the row's last attended key);
     is_causal: query i attends keys j <= i + (M - N) (with a mask too: a key must pass both);
     bias: None or a finite float (Bb, Hb, N, M) added to the scaled scores (batch row b adds
     ``bias[b % Bb]``, Hb in {1, H}), read per tile, never tiled to the batch in memory.

@@ -157,10 +157,10 @@ def traced() -> bool:
 
 def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Tensor], scale: float,
                    drop: float = 0.0, opaque: bool = True) -> torch.Tensor:
-    """The attention core of :class:`MaskedAttention`, (B, H, N, Dv). Without dropout, with no mask
-    or a key-padding one, and with or without an additive ``bias`` it is the dispatcher's
-    ``attention`` op (any qk / v widths); other masks (per-query masks, HF's additive ones it cannot
-    read as key padding) and attention dropout go to SDPA (the bias tiled into its mask), with CPU
+    """The attention core of :class:`MaskedAttention`, (B, H, N, Dv). Without dropout, with no mask,
+    a key-padding one or (where the op is the Triton kernel) any other bool mask (:func:`full_mask`),
+    and with or without an additive ``bias`` it is the dispatcher's ``attention`` op (any qk / v
+    widths); other masks and attention dropout go to SDPA (the bias tiled into its mask), with CPU
     widths padded for its flash kernel.
 
     Under torch.compile, CPU fp32 inference calls this function whole as one opaque op
@@ -175,6 +175,9 @@ def attention_core(q, k, v, attn_mask, is_causal: bool, bias: Optional[torch.Ten
         return out.view(B, N, H, v.shape[-1]).transpose(1, 2)
     if drop == 0.0:
         keys = key_padding(attn_mask, q.shape[0], k.shape[2], q.device, queries=q.shape[2])
+        if keys is False:
+            keys = full_mask(attn_mask, *q.shape[:3], k.shape[2], q.device)
+            keys = False if keys is None else keys
         if keys is not False:
             return spp_kernels.attention(q, k, v, scale, keys, is_causal, bias=bias)
     if is_causal and (attn_mask is not None or bias is not None):  # SDPA takes no mask with is_causal
@@ -272,7 +275,10 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
     """Hugging Face's "sdpa" attention function, computed by ``spp_kernels.attention`` (any qk / v
     widths: the chunked CPU route, the Triton kernel on CUDA) where that is exact: no dropout,
     softcap, position bias or sliding window, and no mask, one that :func:`key_padding` reads as
-    key padding, or (on CPU) one that :func:`causal_key_padding` reads as causal ∧ key padding.
+    key padding, (on CPU) one that :func:`causal_key_padding` reads as causal ∧ key padding, or,
+    where the op is the Triton kernel (CUDA), any other bool mask, which it takes whole and reads
+    per tile (:func:`full_mask`; no mask value is read on CUDA, so Hugging Face's materialised
+    padded and causal masks arrive there so).
     The same semantics as that function: causal only without a mask and for more than one query
     (``is_causal`` from the call, else the module's, default true) over as many keys as queries,
     GQA by repeating the kv heads. Returns (B, N, H, Dv), or None where Hugging Face's own
@@ -299,11 +305,36 @@ def _spp_attention(module, q, k, v, attention_mask, kwargs) -> Optional[torch.Te
         if keys is False:
             keys = causal_key_padding(attention_mask, B, N, M, q.device)
             if keys is False:
-                return None
-            causal = True
+                keys = full_mask(attention_mask, B, H, N, M, q.device)
+                if keys is None:
+                    return None
+            else:
+                causal = True
     scale = kwargs.get("scaling")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return spp_kernels.attention(q, k, v, scale, keys, causal).transpose(1, 2)
+
+
+def full_mask(attn_mask: torch.Tensor, batch: int, heads: int, queries: int, keys: int,
+              device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """An SDPA bool mask (True = attend) that broadcasts to (B, H, N, M), as the 4-D
+    (B | 1, H | 1, N, M) mask ``spp_kernels.attention`` takes whole, where the op's backend for
+    ``device`` is the Triton kernel (CUDA; on CPU only when forced), which reads it per tile with
+    no value read on the host; None elsewhere (the CPU backends would compute the same numbers
+    through SDPA on that mask, only with more copies), for additive float masks, masks that
+    require grad, live on another device or do not broadcast so. SDPA aligns a mask's dims from
+    the right, so a 2-D mask is (N, M) and a 3-D one (H | 1, N, M). A bool mask in which a query
+    sees no key gives that row 0, as SDPA does since torch 2.5 (earlier SDPA gives NaN there)."""
+    m = attn_mask
+    if m.dtype != torch.bool or m.requires_grad or m.dim() not in (2, 3, 4) \
+            or (device is not None and m.device != torch.device(device)):
+        return None
+    if spp_kernels.dispatch.choose("attention", m.device.type)[0] != "triton":
+        return None
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    if m.shape[0] not in (1, batch) or m.shape[1] not in (1, heads) or tuple(m.shape[2:]) != (queries, keys):
+        return None
+    return m
 
 
 # torch 2.5 made SDPA give 0 (not NaN) for query rows whose bool mask admits no key, as the op does

@@ -3,7 +3,9 @@ widths zero-padded up to a size its fast kernels accept (then the output sliced 
 
 Shapes are pruned heads of DeiT-S (H=6, N=197), DeiT-B (H=12, N=197) and BERT-base (H=12,
 N=128; also as a right-padded text batch, ``bert_base_padded``: each row keeps its first 8..128
-keys, lengths uniform), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)},
+keys, lengths uniform, given as the op's (B, M) key padding, and ``bert_base_padded_mask``: the
+same padding as the materialised (B, 1, N, N) bool mask Hugging Face builds for "sdpa", which the
+op reads per tile where no mask value is read on the host, i.e. what pruned BERTs run on CUDA), batch 64, (D_qk, D_v) in {(64,64), (40,52), (23,37), (13,64), (64,17)},
 and of Swin-T's first stage (H=3, N=49 tokens per 7x7 window, 64 windows per image, batch 64
 images, the same width fractions of its 32-wide heads) with its relative position bias plus
 shifted-window mask as the additive bias (64, 3, 49, 49): our op reads it per window, SDPA gets
@@ -37,9 +39,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 # name -> (heads, tokens, windows per image: > 0 adds Swin's (windows, heads, N, N) bias, key
-# padding: a right-padded text batch, each row's length drawn uniformly from 8..N)
+# padding: a right-padded text batch, each row's length drawn uniformly from 8..N, given as (B, M)
+# key padding (True) or as a materialised (B, 1, N, N) bool mask ("mask"))
 MODELS = {"deit_s": (6, 197, 0, False), "deit_b": (12, 197, 0, False), "bert_base": (12, 128, 0, False),
-          "bert_base_padded": (12, 128, 0, True), "swin_t": (3, 49, 64, False)}
+          "bert_base_padded": (12, 128, 0, True), "bert_base_padded_mask": (12, 128, 0, "mask"),
+          "swin_t": (3, 49, 64, False)}
 WIDTHS = [(64, 64), (40, 52), (23, 37), (13, 64), (64, 17)]
 SWIN_WIDTHS = [(32, 32), (20, 26), (12, 19), (7, 32), (32, 9)]  # the same fractions of Swin-T's 32-wide heads
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,9 +59,11 @@ def _tiled(bias, B):
 
 
 def _sdpa_mask(keep, bias, B):
-    """SDPA's mask: the key padding (B, M) as a bool (B, 1, 1, M) one, or the tiled bias (never both
-    here)."""
-    return keep[:, None, None, :] if keep is not None else _tiled(bias, B)
+    """SDPA's mask: the key padding (B, M) as a bool (B, 1, 1, M) one, a 4-D bool mask as it is, or
+    the tiled bias (never both here)."""
+    if keep is not None:
+        return keep if keep.dim() == 4 else keep[:, None, None, :]
+    return _tiled(bias, B)
 
 
 def sdpa_same(q, k, v, scale, keep=None, bias=None):
@@ -72,7 +78,8 @@ def sdpa_padded(q, k, v, scale, keep=None, bias=None):
 
 
 def ours(fn):
-    """Our op's call: key padding as its (B, M) mask, the bias as its keyword (None: as without)."""
+    """Our op's call: the mask as it is ((B, M) key padding or 4-D), the bias as its keyword (None:
+    as without)."""
     return lambda q, k, v, scale, keep=None, bias=None: (fn(q, k, v, scale, keep, bias=bias) if bias is not None
                                                          else fn(q, k, v, scale, keep))
 
@@ -101,13 +108,16 @@ def swin_bias(windows, H, N, g):
 def closures(fn, B, H, N, D, Dv, dtype, device, windows=0, padded=False):
     """{metric: callable} for one provider on fresh seeded inputs (B = images; with windows > 0,
     B · windows windows of N tokens and a (windows, H, N, N) bias; ``padded``: a (B, N) key padding
-    keeping each row's first 8..N keys, lengths drawn uniformly, seeded)."""
+    keeping each row's first 8..N keys, lengths drawn uniformly, seeded; "mask": the same padding
+    as a materialised (B, 1, N, N) bool mask)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     bias = swin_bias(windows, H, N, g).to(device, dtype) if windows else None
     keep = None
     if padded:
         lengths = torch.randint(min(8, N), N + 1, (B,), generator=g)
         keep = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
+        if padded == "mask":
+            keep = keep[:, None, None, :].expand(B, 1, N, N).contiguous()
     B = B * windows if windows else B
     q = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
     k = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_()
@@ -192,7 +202,7 @@ def main(argv=None) -> None:
     for model, (H, N, windows, padded) in models.items():
         for D, Dv in (SWIN_WIDTHS if windows else WIDTHS):
             shape = (f"{model} B={batch} H={H} N={N} D={D} Dv={Dv}" + (f" windows={windows} bias" if windows else "")
-                     + (" key padding" if padded else ""))
+                     + {False: "", True: " key padding", "mask": " padding as (B,1,N,N) mask"}[padded])
             res = measure_side_by_side(providers, batch, H, N, D, Dv, dtype, device, repeats, windows=windows,
                                        padded=padded)
             for name in res:

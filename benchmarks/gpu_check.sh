@@ -67,7 +67,7 @@ $PY -m spp_kernels.info >"$OUT/backends.txt" 2>&1
 stage tests 600 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
   tests/test_triton_masked_linear.py tests/test_triton_pair_matmul.py tests/test_triton_inclusion_step.py \
   tests/test_triton_attention.py tests/test_triton_search.py tests/test_ext.py tests/test_attention.py \
-  tests/test_dispatch.py tests/test_prune_exact.py --junitxml="$OUT/tests.xml"
+  tests/test_dispatch.py tests/test_prune_exact.py tests/test_full_mask.py --junitxml="$OUT/tests.xml"
 
 stage bench_inclusion_step 240 $PY benchmarks/bench_inclusion_step.py --device cuda $Q --out "$OUT/kernels_cuda.csv"
 stage bench_pair_matmul 300 $PY benchmarks/bench_pair_matmul.py --device cuda $Q --out "$OUT/kernels_cuda.csv"

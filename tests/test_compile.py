@@ -3,7 +3,8 @@
 Every family compiles as one graph (``fullgraph=True``) and exports, and both agree with the eager
 model; an exported program holds ATen ops only and keeps reading its masks (a batch padded
 differently from the one it was exported with gives the eager result); so does a jit trace made
-on an unpadded batch. fp32 CPU inference under torch.compile runs the attention core and the
+on an unpadded batch; an export with dynamic batch / sequence dims serves other sizes, and
+Llama / OPT generate through a compiled forward with their KV cache. fp32 CPU inference under torch.compile runs the attention core and the
 large products as the opaque ops ``spp_layers::attention`` / ``spp_kernels::linear`` (the eager
 kernels: the extension's attention, oneDNN products); with gradients the graph traces through
 them, and the gradients agree with eager ones.
@@ -145,6 +146,40 @@ def test_exports_to_aten_and_keeps_reading_masks(pruned):
         assert not any("spp" in o for o in ops), sorted(ops)
         for b in (batch, other):  # `other` pads differently: the program must not hold batch's mask
             _close(_run(family, ep.module(), b), _run(family, small, b))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_export_with_dynamic_batch_and_sequence_serves_other_sizes(family):
+    """torch.export with the batch and sequence dims dynamic: one program serves batches of other
+    sizes and padding (checked against eager at the real tokens)."""
+    model, batch, _ = _build(family)
+    small = _prune_half(model, batch).eval()
+    args, kw = _kwargs(family, batch)
+    B, N = torch.export.Dim("B", min=1, max=16), torch.export.Dim("N", min=2, max=24)
+    dims = {k: ({0: B, 1: N} if isinstance(v, torch.Tensor) else None) for k, v in kw.items()}
+    with torch.no_grad():
+        ep = torch.export.export(small, args, kw, dynamic_shapes=dims)
+        for b_, n in ((5, 17), (2, 6), (4, 11)):
+            other = bert_batch(b_, batch=b_, seq=n) if family == "bert" else tm.token_batch(b_, batch=b_, seq=n)
+            other["attention_mask"][0, n // 2:] = 0
+            _close(_run(family, ep.module(), other), _run(family, small, other))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_compiled_generate_with_a_kv_cache_matches_eager(family):
+    """Greedy generation with the KV cache (a left-padded row: batched generation) through a
+    compiled forward gives the eager tokens: prefill and every cached decode step trace."""
+    model, batch, _ = _build(family)
+    small = _prune_half(model, batch).eval()
+    ids = batch["input_ids"][:2, :6]
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    with torch.no_grad():
+        want = small.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False)
+        torch._dynamo.reset()
+        small.forward = torch.compile(small.forward, backend="aot_eager")
+        got = small.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False)
+    assert got.shape == (2, 11) and torch.equal(got, want)
 
 
 def test_jit_trace_on_an_unpadded_batch_keeps_the_mask_live():

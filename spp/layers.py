@@ -324,17 +324,21 @@ def full_mask(attn_mask: torch.Tensor, batch: int, heads: int, queries: int, key
     through SDPA on that mask, only with more copies), for additive float masks, masks that
     require grad, live on another device or do not broadcast so. SDPA aligns a mask's dims from
     the right, so a 2-D mask is (N, M) and a 3-D one (H | 1, N, M). A bool mask in which a query
-    sees no key gives that row 0, as SDPA does since torch 2.5 (earlier SDPA gives NaN there)."""
+    sees no key gives that row 0, as SDPA does since torch 2.5 (with an older torch, whose SDPA
+    gives NaN there, None). A 4-D mask comes back as itself, a 2-D / 3-D one as a 4-D view
+    remembered per mask, so that the kernel's per-mask arguments are made once per forward."""
     m = attn_mask
-    if m.dtype != torch.bool or m.requires_grad or m.dim() not in (2, 3, 4) \
+    if m.dtype != torch.bool or m.requires_grad or m.dim() not in (2, 3, 4) or not _SDPA_ZEROES_ROWS_WITHOUT_KEYS \
             or (device is not None and m.device != torch.device(device)):
         return None
     if spp_kernels.dispatch.choose("attention", m.device.type)[0] != "triton":
         return None
-    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
-    if m.shape[0] not in (1, batch) or m.shape[1] not in (1, heads) or tuple(m.shape[2:]) != (queries, keys):
+    shape = (1,) * (4 - m.dim()) + tuple(m.shape)
+    if shape[0] not in (1, batch) or shape[1] not in (1, heads) or shape[2:] != (queries, keys):
         return None
-    return m
+    if m.dim() == 4:  # the mask itself: the kernel's per-mask memo keeps hitting, layer after layer
+        return m
+    return spp_kernels.reference.remembered(m, ("full_mask", shape), lambda: m.reshape(shape))
 
 
 # torch 2.5 made SDPA give 0 (not NaN) for query rows whose bool mask admits no key, as the op does

@@ -802,23 +802,32 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias=None) -> torch.Tensor:
-    """:func:`sdpa_attention` with a 4-D bool mask, reading no value: keys no query attends zeroed
+    """:func:`sdpa_attention` with a 4-D bool mask: keys no query attends zeroed
     (:func:`padding_of`), the mask (with the causal one and the bias) handed to SDPA, and query
     rows without a key made to attend every key inside SDPA, so that neither its forward nor its
-    backward meets an all-masked row, then set to 0."""
+    backward meets an all-masked row, then set to 0. On CPUs outside transforms and compile,
+    where values can be read, k and v are zeroed only when their sums are not finite and the rows
+    without keys are handled only when there are any (reading costs a pass over k and v; the
+    copies it saves cost several)."""
     N, M = q.shape[2], k.shape[2]
-    k, v = _drop_masked(k, v, padding_of(attn_mask, q.shape[0]))
+    host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
+    if not host or not math.isfinite(float(k.detach().sum(dtype=torch.float32))
+                                     + float(v.detach().sum(dtype=torch.float32))):
+        k, v = _drop_masked(k, v, padding_of(attn_mask, q.shape[0]))
     mask = attn_mask
     if is_causal:
         mask = mask & causal_keep(N, M, q.device)
     empty = ~mask.any(-1, keepdim=True)
-    mask = mask | empty
+    if host and not bool(empty.any()):
+        empty = None
+    else:
+        mask = mask | empty
     if bias is not None:
         mask = sdpa_mask_plus(mask, tile_bias(bias, q.shape[0]).to(q.dtype))
     Dv = v.shape[-1]
     q, k, v = pad_for_cpu_flash(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :Dv]
-    return out.masked_fill(empty, 0.0)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def _needs_grad(*ts: Optional[torch.Tensor]) -> bool:

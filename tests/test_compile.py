@@ -177,7 +177,7 @@ def test_compiled_generate_with_a_kv_cache_matches_eager(family):
     with torch.no_grad():
         want = small.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False)
         torch._dynamo.reset()
-        small.forward = torch.compile(small.forward, backend="aot_eager")
+        small.forward = torch.compile(small.forward, backend="aot_eager", fullgraph=True)
         got = small.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False)
     assert got.shape == (2, 11) and torch.equal(got, want)
 

@@ -5,6 +5,7 @@ routing: where the op is the Triton kernel (CUDA) Hugging Face's materialised pa
 masks, which are not read there, reach the op whole instead of SDPA on zero-padded widths.
 On CPU that route is simulated: the mask reads switched off (``layers.traced``) and the Triton
 backend forced (its interpreter). The Triton kernel's own tests are in test_triton_attention."""
+import os
 import types
 
 import pytest
@@ -24,6 +25,15 @@ def _ext_attention():
         pytest.skip("the C++ extension is not built here")
     from spp_kernels import ext_ops
     return ext_ops.attention
+
+
+def interpreted_triton():
+    """Skip unless the Triton backend can be forced onto CPU tensors (its interpreter, which
+    conftest selects on machines without CUDA); on CUDA machines the CUDA test at the end covers
+    the route these simulate."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("simulates the CUDA route with Triton's interpreter (set where CUDA is absent)")
+    pytest.importorskip("triton")
 
 
 ROUTES = {"reference": lambda: reference.attention, "torch": lambda: reference.sdpa_attention, "ext": _ext_attention}
@@ -58,6 +68,18 @@ def test_backends_match_the_oracle_with_a_4d_mask(route, dtype, km, causal):
     assert_close(out, oracle_attention(q, k, v, 0.3, mask, causal), dtype, M, msg=f"{route} {km} {causal}")
     assert torch.all(out[:, :, N // 2] == 0)
     assert (out.float() - fn(q, k, v, 0.3, None, causal).float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_backends_with_a_4d_mask_and_causal_over_more_queries_than_keys(route):
+    """is_causal aligns bottom-right: the first N - M queries see no key and give 0."""
+    fn = ROUTES[route]()
+    B, H, N, M = 2, 3, 19, 11
+    q, k, v = qkv(B, H, N, M, 4, 7, seed=9)
+    mask = per_query_mask(B, H, N, M)
+    out = fn(q, k, v, 0.3, mask, True)
+    assert_close(out, oracle_attention(q, k, v, 0.3, mask, True), torch.float32, M, msg=route)
+    assert torch.all(out[:, :, : N - M] == 0)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
@@ -119,7 +141,11 @@ def test_full_mask_reads_sdpa_bool_masks_by_their_broadcast(monkeypatch):
     B, H, N, M = 3, 2, 4, 5
     full = layers.full_mask
     assert full(torch.ones(B, 1, N, M, dtype=torch.bool), B, H, N, M) is None  # CPU backends: SDPA is as good
+    interpreted_triton()
     monkeypatch.setenv("SPP_BACKEND", "triton")
+    m4, m3 = torch.ones(B, 1, N, M, dtype=torch.bool), torch.ones(H, N, M, dtype=torch.bool)
+    assert full(m4, B, H, N, M) is m4  # the mask itself, and a remembered view: the kernel's memo hits
+    assert full(m3, B, H, N, M) is full(m3, B, H, N, M)
     assert full(torch.ones(B, 1, N, M, dtype=torch.bool), B, H, N, M).shape == (B, 1, N, M)
     assert full(torch.ones(1, H, N, M, dtype=torch.bool), B, H, N, M).shape == (1, H, N, M)
     assert full(torch.ones(N, M, dtype=torch.bool), B, H, N, M).shape == (1, 1, N, M)  # SDPA: (N, M)
@@ -139,11 +165,12 @@ def _hf_case(case, B=3, H=4, N=7, M=7, D=6, Dv=11):
         N = 1
     if case == "cache_chunk_padded":
         N = 3
+    G = 2 if case.endswith("gqa") else H  # grouped-query attention: 2 kv heads for 4 query heads
     g = torch.Generator().manual_seed(12)
     q = torch.randn(B, H, N, D, generator=g)
-    k, v = torch.randn(B, H, M, D, generator=g), torch.randn(B, H, M, Dv, generator=g)
+    k, v = torch.randn(B, G, M, D, generator=g), torch.randn(B, G, M, Dv, generator=g)
     pad = torch.arange(M)[None] < torch.tensor([M, 4, 6])[:, None]
-    if case == "causal_left_padded":
+    if case.startswith("causal_left_padded"):
         pad = pad.flip(-1)
     keep = pad[:, None, None, :].expand(B, 1, N, M)
     if case != "encoder_padded":
@@ -152,8 +179,8 @@ def _hf_case(case, B=3, H=4, N=7, M=7, D=6, Dv=11):
 
 
 @pytest.mark.parametrize("reads", ["cpu", "no_reads_triton", "no_reads_cpu"])
-@pytest.mark.parametrize("case", ["encoder_padded", "causal_padded", "causal_left_padded", "decode_padded",
-                                  "cache_chunk_padded"])
+@pytest.mark.parametrize("case", ["encoder_padded", "causal_padded", "causal_left_padded", "causal_left_padded_gqa",
+                                  "decode_padded", "cache_chunk_padded"])
 def test_hf_bool_masks_reach_the_op_also_where_no_value_is_read(monkeypatch, case, reads):
     """hf_attention ("sdpa") with Hugging Face's bool masks: on CPU in eager mode the mask is read
     as key padding (the op's key-padding form); where no value is read and the op is the Triton
@@ -165,11 +192,13 @@ def test_hf_bool_masks_reach_the_op_also_where_no_value_is_read(monkeypatch, cas
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     q, k, v, mask = _hf_case(case)
-    module = types.SimpleNamespace(num_key_value_groups=1, training=False, is_causal=case != "encoder_padded")
+    module = types.SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False,
+                                   is_causal=case != "encoder_padded")
     cfg = types.SimpleNamespace(_attn_implementation="sdpa")
     if reads != "cpu":
         monkeypatch.setattr(layers, "traced", lambda: True)
     if reads == "no_reads_triton":
+        interpreted_triton()
         monkeypatch.setenv("SPP_BACKEND", "triton")
     calls = []
     op = spp_kernels.attention
@@ -218,6 +247,7 @@ def test_layer_core_gives_bool_masks_to_the_op(monkeypatch, mask_kind, route):
         monkeypatch.setattr(layers, "traced", lambda: True)
     triton = route.endswith("triton")
     if triton:
+        interpreted_triton()
         monkeypatch.setenv("SPP_BACKEND", "triton")
     calls = []
     op = spp_kernels.attention
@@ -262,15 +292,20 @@ def test_pruned_models_on_padded_batches_match_without_mask_reads(monkeypatch, f
         o = m(**batch) if family == "bert" else m(**batch, use_cache=False)
         return (o.last_hidden_state if family == "bert" else o.logits)[real]
 
+    interpreted_triton()
+    from spp_kernels.triton import attention as tri
+
     with torch.no_grad():
         want = out(small)
         monkeypatch.setattr(layers, "traced", lambda: True)
         monkeypatch.setenv("SPP_BACKEND", "triton")
-        calls = []
-        op = spp_kernels.attention
+        calls, made = [], []
+        op, args_of = spp_kernels.attention, tri._key_padding_args
         monkeypatch.setattr(spp_kernels, "attention", lambda *a, **kw: calls.append(a[4]) or op(*a, **kw))
+        monkeypatch.setattr(tri, "_key_padding_args", lambda *a: made.append(1) or args_of(*a))
         got = out(small)
     assert len(calls) == 2 and all(c is not None and c.dim() == 4 for c in calls), [getattr(c, "shape", c) for c in calls]
+    assert calls[0] is calls[1] and len(made) == 1  # one mask for both layers: its kernel arguments made once
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 

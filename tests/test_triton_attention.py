@@ -646,8 +646,21 @@ def test_full_mask_arguments_are_computed_once_per_mask():
     assert tri._mask_args(q, mask)[1].tolist() == [9, 9]
 
 
-def test_dispatcher_sends_full_masks_to_the_kernel_on_cuda(monkeypatch):
-    """On CUDA a 4-D mask never counts as fast for SDPA: the kernel runs it (checked through the
-    predicate; the call itself runs where CUDA is present)."""
+def test_dispatcher_sends_full_masks_to_the_kernel_on_cuda():
+    """On CUDA shapes SDPA's fast kernels take without a mask go to the kernel with a 4-D mask
+    (checked through the predicate; the call itself runs where CUDA is present)."""
     q, k, v = inputs((1, 2, 5, 8, 8), torch.float16)
+    assert tri.sdpa_is_fast(q, k, v, None, False)
     assert not tri.sdpa_is_fast(q, k, v, full_mask_of("per_query", 1, 1, 5, 5), False)
+
+
+@pytest.mark.parametrize("NM", [(41, 37), (9, 30)], ids=["more_queries", "fewer_queries"])
+def test_full_mask_with_causal_and_unequal_lengths(NM):
+    """A 4-D mask and is_causal over unequal query / key counts (the diagonal bottom-right: with
+    more queries than keys the first queries see no key), forward and backward vs float64."""
+    N, M = NM
+    q, k, v = inputs((2, 3, N, 6, 10), torch.float32, seed=21, M=M)
+    mask = full_mask_of("per_query", 2, 3, N, M)
+    out = check_forward_backward(q, k, v, 0.3, mask, True, torch.float32, msg=f"causal N={N} M={M}")
+    if N > M:
+        assert torch.all(out[:, :, : N - M] == 0)

@@ -1,7 +1,8 @@
 """Flash attention for pruned widths (SPEC §4 ``attention``): qk width D != v width Dv, widths
-that are not multiples of 8/16, explicit scale, key-padding or causal masks, an additive score
-bias (Swin's relative position bias and shifted-window mask, read per tile from its (Bb, Hb)
-rows), and (in :func:`attention_ragged`) a different width per head.
+that are not multiples of 8/16, explicit scale, key-padding or causal masks or any bool
+(B | 1, H | 1, N, M) mask (read per tile; the keys no query of a batch row attends are its
+padding), an additive score bias (Swin's relative position bias and shifted-window mask, read
+per tile from its (Bb, Hb) rows), and (in :func:`attention_ragged`) a different width per head.
 
 Forward: one program per (batch·head, block of queries), an online softmax over key blocks with
 running max and sum in fp32; it saves the row log-sum-exp (``+inf`` for a row with no key, so
@@ -61,7 +62,7 @@ def _allowed(offs_m, offs_n, key_ok, N, M, IS_CAUSAL: tl.constexpr, keep_ptr, bh
         ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
     if HAS_KEEP:
         row = ((bh // H) % KB) * KH + (bh % H) % KH
-        ptr = keep_ptr + row * N * M + offs_m[:, None] * M + offs_n[None, :]
+        ptr = keep_ptr + row * N * M + offs_m[:, None].to(tl.int64) * M + offs_n[None, :]
         ok = ok & (tl.load(ptr, mask=(offs_m[:, None] < N) & (offs_n[None, :] < M), other=0) != 0)
     return ok
 
@@ -71,7 +72,7 @@ def _bias(bias_ptr, bh, H, BB, HB, offs_m, offs_n, N, M):
     """(BLOCK_M, BLOCK_N) fp32 tile of the additive bias (Bb, Hb, N, M) that (batch, head) pair
     ``bh`` adds: row (b % Bb) · Hb + h % Hb; 0 outside the (N, M) scores."""
     row = ((bh // H) % BB) * HB + (bh % H) % HB
-    ptr = bias_ptr + row * N * M + offs_m[:, None] * M + offs_n[None, :]
+    ptr = bias_ptr + row * N * M + offs_m[:, None].to(tl.int64) * M + offs_n[None, :]
     return tl.load(ptr, mask=(offs_m[:, None] < N) & (offs_n[None, :] < M), other=0.0).to(tl.float32)
 
 

@@ -775,14 +775,25 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     where the reference, the chunked route and the Triton kernel add it in fp32); the chunked
     route gathers it per chunk instead.
 
+    A 4-D bool mask is read on CPUs (outside transforms and compile) and run as (B, M) key
+    padding where it is one, or causal ∧ key padding (Hugging Face's materialised masks; see
+    :func:`_as_key_padding`); any other 4-D mask, and every one elsewhere, goes to SDPA whole
+    (:func:`_sdpa_full_mask`).
+
     ``fused``: a forward for the chunked route's calls (the ext backend passes its fused CPU
     kernel, which then also takes equal widths; see :func:`cpu_chunked_attention`). It must keep
     masked keys' values out of its output, inf and NaN included, and set rows without keys to 0:
     its calls skip the output sum check above (with gradients, k and v are summed instead)."""
     check_attention(q, k, v, scale, attn_mask, is_causal, bias)
-    if attn_mask is not None and attn_mask.dim() == 4:
-        return _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias)
     host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
+    if attn_mask is not None and attn_mask.dim() == 4:
+        as_padding = None
+        if host:  # Hugging Face's materialised masks: key padding (∧ causal) in fact
+            as_padding = remembered(attn_mask, ("as_key_padding", q.shape[0]),
+                                    lambda: _as_key_padding(attn_mask, q.shape[0]))
+        if as_padding is None:
+            return _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias)
+        attn_mask, is_causal = as_padding[0], is_causal or as_padding[1]
     check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))
     if check and fused is not None and use_cpu_chunked(q, k, v, attn_mask, bias, True):
         # the fused forward keeps masked keys' values out itself, so its output cannot tell; a
@@ -799,6 +810,24 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         k, v = _drop_masked(k, v, attn_mask)
         out = _torch_attention(q, k, v, scale, attn_mask, is_causal, host, bias, fused)
     return out
+
+
+def _as_key_padding(m: torch.Tensor, batch: int) -> Optional[tuple[torch.Tensor, bool]]:
+    """A 4-D bool (B | 1, 1, N, M) mask that is (B, M) key padding for every query, as
+    ``(padding, False)``, or causal (bottom-right) ∧ key padding, as ``(padding, True)``; None
+    for any other mask (per head, per query otherwise). Reads its values: the CPU backends then
+    run the (B, M) routes (the extension's fused kernel), with the same numbers, rows without keys
+    included (0 in both forms)."""
+    if m.shape[1] != 1:
+        return None
+    N, M = m.shape[2], m.shape[3]
+    rows = m[:, 0]
+    pad = rows[:, -1, :]  # the last query sees every key that is not padding, in both forms
+    if bool((rows == pad[:, None, :]).all()):
+        return pad.expand(batch, M), False
+    if N <= M and torch.equal(rows, causal_keep(N, M, m.device) & pad[:, None, :]):
+        return pad.expand(batch, M), True
+    return None
 
 
 def _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias=None) -> torch.Tensor:

@@ -70,6 +70,44 @@ def test_backends_match_the_oracle_with_a_4d_mask(route, dtype, km, causal):
     assert (out.float() - fn(q, k, v, 0.3, None, causal).float()).abs().max() > 0.1
 
 
+def hf_form_mask(form, B, N, M):
+    """The (B, 1, N, M) bool masks Hugging Face materialises: key padding per query, or causal
+    (bottom-right) ∧ right / left padding (left: the first queries of a row see no key)."""
+    pad = torch.arange(M)[None] < torch.tensor([M, 4, 6][:B])[:, None]
+    if form == "causal_left_padding":
+        pad = pad.flip(-1)
+    m = pad[:, None, None, :].expand(B, 1, N, M)
+    if form != "padding":
+        m = m & torch.ones(N, M, dtype=torch.bool).tril(M - N)
+    return m.contiguous()
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["mask", "mask_and_causal"])
+@pytest.mark.parametrize("form", ["padding", "causal_padding", "causal_left_padding", "per_query"])
+@pytest.mark.parametrize("route", ["torch", "ext"])
+def test_cpu_backends_run_hf_masks_as_key_padding(monkeypatch, route, form, is_causal):
+    """On CPU the torch / ext backends read a (B, 1, N, M) mask that is key padding (∧ causal) —
+    Hugging Face's materialised forms — and run the (B, M) routes (the ext backend's fused
+    kernel); other masks take SDPA on the mask. Forward and gradients equal the reference."""
+    fn = ROUTES[route]()
+    B, H, N, M = 3, 2, 9, 11
+    q, k, v = qkv(B, H, N, M, 5, 7, seed=4)
+    mask = hf_form_mask(form, B, N, M) if form != "per_query" else per_query_mask(B, 1, N, M)
+    whole = []
+    full = reference._sdpa_full_mask
+    monkeypatch.setattr(reference, "_sdpa_full_mask", lambda *a, **kw: whole.append(1) or full(*a, **kw))
+    do = torch.randn(B, H, N, 7, generator=torch.Generator().manual_seed(2))
+    res = []
+    for f in (fn, reference.attention):
+        ts = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = f(*ts, 0.3, mask, is_causal)
+        res.append((out, *torch.autograd.grad(out, ts, do)))
+    assert len(whole) == (1 if form == "per_query" else 0)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=name)
+    assert_close(res[0][0], oracle_attention(q, k, v, 0.3, mask, is_causal), torch.float32, M)
+
+
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_backends_with_a_4d_mask_and_causal_over_more_queries_than_keys(route):
     """is_causal aligns bottom-right: the first N - M queries see no key and give 0."""

@@ -110,3 +110,18 @@ def with_m(path: spp.SolutionPath, m: np.ndarray) -> spp.SolutionPath:
     """A copy of ``path`` whose final mask values are ``m``."""
     return spp.SolutionPath(path.pairs, path.entry, path.support_count, path.z, m, path.steps, path.settings,
                             path.fingerprint, path.history)
+
+
+def sdpa_math_layer_output(layer, x, mask):
+    """A MaskedAttention layer's output computed with SDPA's math kernel on its unpadded widths
+    (the oracle of the layer-core tests)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, N, _ = x.shape
+    H, D, Dv = layer.num_heads, layer.qk_dim, layer.v_dim
+    with sdpa_kernel(SDPBackend.MATH):
+        q = layer.q(x).view(B, N, H, D).transpose(1, 2)
+        k = layer.k(x).view(B, N, H, D).transpose(1, 2)
+        v = layer.v(x).view(B, N, H, Dv).transpose(1, 2)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale)
+        return layer.o(ctx.transpose(1, 2).reshape(B, N, H * Dv))

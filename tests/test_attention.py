@@ -406,8 +406,7 @@ def test_key_padding_reads_hugging_face_and_bool_masks():
 def test_layer_core_matches_sdpa_math_for_pruned_widths(mask_kind):
     """MaskedAttention's core with unequal qk / v widths (a pruned layer) equals SDPA's math kernel
     on the unpadded tensors, whichever route (dispatcher op or padded SDPA) the mask takes."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    from helpers import sdpa_math_layer_output
     from spp.layers import MaskedAttention
 
     B, H, N, D, Dv, d = 2, 3, 9, 5, 7, 12
@@ -425,13 +424,7 @@ def test_layer_core_matches_sdpa_math_for_pruned_widths(mask_kind):
     else:
         mask = torch.randn(B, H, N, N, generator=g)
     got = layer.forward_core(x, mask)
-    with sdpa_kernel(SDPBackend.MATH):
-        q = layer.q(x).view(B, N, H, D).transpose(1, 2)
-        k = layer.k(x).view(B, N, H, D).transpose(1, 2)
-        v = layer.v(x).view(B, N, H, Dv).transpose(1, 2)
-        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.21)
-        want = layer.o(ctx.transpose(1, 2).reshape(B, N, H * Dv))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, sdpa_math_layer_output(layer, x, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.2], ids=["op", "dropout_sdpa"])

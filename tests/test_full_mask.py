@@ -266,8 +266,7 @@ def test_layer_core_gives_bool_masks_to_the_op(monkeypatch, mask_kind, route):
     reads it (CPU), whole where it does not and the op is Triton; a bool mask that is not key
     padding (per query, here 3-D as SDPA broadcasts it) goes to the op whole where that is Triton
     and to SDPA elsewhere. Always equal to SDPA's math kernel on the unpadded widths."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    from helpers import sdpa_math_layer_output
     from spp.layers import MaskedAttention
 
     B, H, N, D, Dv, d = 2, 3, 9, 5, 7, 12
@@ -297,13 +296,7 @@ def test_layer_core_gives_bool_masks_to_the_op(monkeypatch, mask_kind, route):
         assert len(calls) == 1 and calls[0].dim() == 4
     else:
         assert not calls
-    with sdpa_kernel(SDPBackend.MATH):
-        q = layer.q(x).view(B, N, H, D).transpose(1, 2)
-        k = layer.k(x).view(B, N, H, D).transpose(1, 2)
-        v = layer.v(x).view(B, N, H, Dv).transpose(1, 2)
-        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.21)
-        want = layer.o(ctx.transpose(1, 2).reshape(B, N, H * Dv))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, sdpa_math_layer_output(layer, x, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "opt"])

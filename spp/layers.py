@@ -320,8 +320,9 @@ def full_mask(attn_mask: torch.Tensor, batch: int, heads: int, queries: int, key
     """An SDPA bool mask (True = attend) that broadcasts to (B, H, N, M), as the 4-D
     (B | 1, H | 1, N, M) mask ``spp_kernels.attention`` takes whole, where the op's backend for
     ``device`` is the Triton kernel (CUDA; on CPU only when forced), which reads it per tile with
-    no value read on the host; None elsewhere (the CPU backends would compute the same numbers
-    through SDPA on that mask, only with more copies), for additive float masks, masks that
+    no value read on the host; None elsewhere (on CPUs the layers read masks as key padding
+    themselves, and where they read none — compile, export — the CPU backends could only run SDPA
+    on the whole mask, with more copies than SDPA alone), for additive float masks, masks that
     require grad, live on another device or do not broadcast so. SDPA aligns a mask's dims from
     the right, so a 2-D mask is (N, M) and a 3-D one (H | 1, N, M). A bool mask in which a query
     sees no key gives that row 0, as SDPA does since torch 2.5 (with an older torch, whose SDPA

@@ -792,7 +792,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             as_padding = remembered(attn_mask, ("as_key_padding", q.shape[0]),
                                     lambda: _as_key_padding(attn_mask, q.shape[0]))
         if as_padding is None:
-            return _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias)
+            return _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, host, bias)
         attn_mask, is_causal = as_padding[0], is_causal or as_padding[1]
     check = attn_mask is not None and host and not remembered(attn_mask, "all", lambda: bool(attn_mask.all()))
     if check and fused is not None and use_cpu_chunked(q, k, v, attn_mask, bias, True):
@@ -830,16 +830,15 @@ def _as_key_padding(m: torch.Tensor, batch: int) -> Optional[tuple[torch.Tensor,
     return None
 
 
-def _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, bias=None) -> torch.Tensor:
+def _sdpa_full_mask(q, k, v, scale, attn_mask, is_causal, host: bool, bias=None) -> torch.Tensor:
     """:func:`sdpa_attention` with a 4-D bool mask: keys no query attends zeroed
     (:func:`padding_of`), the mask (with the causal one and the bias) handed to SDPA, and query
     rows without a key made to attend every key inside SDPA, so that neither its forward nor its
-    backward meets an all-masked row, then set to 0. On CPUs outside transforms and compile,
-    where values can be read, k and v are zeroed only when their sums are not finite and the rows
-    without keys are handled only when there are any (reading costs a pass over k and v; the
+    backward meets an all-masked row, then set to 0. Where values can be read (``host``: CPUs
+    outside transforms and compile) k and v are zeroed only when their sums are not finite and the
+    rows without keys are handled only when there are any (reading costs a pass over k and v; the
     copies it saves cost several)."""
     N, M = q.shape[2], k.shape[2]
-    host = q.device.type == "cpu" and _host_reads_ok(q, k, v, attn_mask, bias)
     if not host or not math.isfinite(float(k.detach().sum(dtype=torch.float32))
                                      + float(v.detach().sum(dtype=torch.float32))):
         k, v = _drop_masked(k, v, padding_of(attn_mask, q.shape[0]))

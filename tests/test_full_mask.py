@@ -82,10 +82,11 @@ def hf_form_mask(form, B, N, M):
     return m.contiguous()
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per_batch_row", "shared_by_the_batch"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["mask", "mask_and_causal"])
 @pytest.mark.parametrize("form", ["padding", "causal_padding", "causal_left_padding", "per_query"])
 @pytest.mark.parametrize("route", ["torch", "ext"])
-def test_cpu_backends_run_hf_masks_as_key_padding(monkeypatch, route, form, is_causal):
+def test_cpu_backends_run_hf_masks_as_key_padding(monkeypatch, route, form, is_causal, shared):
     """On CPU the torch / ext backends read a (B, 1, N, M) mask that is key padding (∧ causal) —
     Hugging Face's materialised forms — and run the (B, M) routes (the ext backend's fused
     kernel); other masks take SDPA on the mask. Forward and gradients equal the reference."""
@@ -93,6 +94,8 @@ def test_cpu_backends_run_hf_masks_as_key_padding(monkeypatch, route, form, is_c
     B, H, N, M = 3, 2, 9, 11
     q, k, v = qkv(B, H, N, M, 5, 7, seed=4)
     mask = hf_form_mask(form, B, N, M) if form != "per_query" else per_query_mask(B, 1, N, M)
+    if shared:  # (1, 1, N, M): one padded row's mask for the whole batch
+        mask = mask[1:2]
     whole = []
     full = reference._sdpa_full_mask
     monkeypatch.setattr(reference, "_sdpa_full_mask", lambda *a, **kw: whole.append(1) or full(*a, **kw))

@@ -234,6 +234,18 @@ def one_mask(attn_mask):
     return torch.ops.spp_layers.one_mask(attn_mask)
 
 
+def mark_forwards(model: nn.Module) -> None:
+    """Hook a pruned model's forward with ``spp_kernels.reference.enter_forward`` /
+    ``exit_forward`` (once): within each forward, what the layers and kernels derive from an
+    inference-tensor mask (key padding read on CPUs, the Triton kernel's mask arguments on GPUs)
+    is made once, not in every layer, also under ``torch.inference_mode``."""
+    ref = spp_kernels.reference
+    if ref.enter_forward not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(ref.enter_forward)
+    if ref.exit_forward not in model._forward_hooks.values():
+        model.register_forward_hook(ref.exit_forward, always_call=True)
+
+
 @torch.library.custom_op("spp_layers::one_mask", mutates_args=())
 def _one_mask_op(mask: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``mask`` (see :func:`one_mask`)."""

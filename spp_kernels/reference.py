@@ -490,20 +490,71 @@ def use_cpu_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # same mask tensors, so they are computed once per forward instead of once per layer (at batch 1
 # and MiniLM's pruned widths the op's part was 45 of 330 µs a call, 4 % of the pruned model at
 # 0.3 of the FLOPs). The tensor's identity and version counter guard the reuse; inference tensors,
-# which have no version counter, are not remembered; writes that bypass the counter (``.data``,
-# NumPy views) are not seen: build a new mask instead, as Hugging Face does every forward.
+# which have no version counter, are remembered only within one forward of a model (see
+# :func:`one_forward`); writes that bypass the counter (``.data``, NumPy views) are not seen: build
+# a new mask instead, as Hugging Face does every forward.
 _MASK_MEMO: list = []  # [(weakref to the mask, its version, {key: value})], most recent first
 _MASK_MEMO_SIZE = 4  # masks
 _MASK_MEMO_KEYS = 16  # values per mask (a mask reused across many shapes starts over past it)
 _MASK_MEMO_LOCK = threading.Lock()
 
 
+# One forward of a pruned model: [depth, {id(mask): (mask, {key: value})}] while it runs, else None.
+_FORWARD: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("spp_forward", default=None)
+
+
+def enter_forward(*_) -> None:
+    """A model's forward begins (a forward pre-hook that pruned models carry): until the matching
+    :func:`exit_forward`, values derived from inference-tensor masks are remembered by the mask's
+    identity. Within one forward a model never writes to its masks, so what no version counter can
+    guard is safe there (under ``torch.inference_mode`` every layer would otherwise derive them
+    again: on a GPU a few small launches a layer). Nested forwards share the outer one's memo. Not
+    under torch.compile (a compiled graph derives nothing on the host)."""
+    if torch.compiler.is_compiling():
+        return
+    state = _FORWARD.get()
+    if state is None:
+        _FORWARD.set([1, {}])
+    else:
+        state[0] += 1
+
+
+def exit_forward(*_) -> None:
+    """A model's forward ends, also by an exception (a forward hook with ``always_call``)."""
+    if torch.compiler.is_compiling():
+        return
+    state = _FORWARD.get()
+    if state is not None:
+        state[0] -= 1
+        if state[0] <= 0:
+            _FORWARD.set(None)
+
+
+@contextlib.contextmanager
+def one_forward():
+    """:func:`enter_forward` / :func:`exit_forward` as a context (for callers that are no model)."""
+    enter_forward()
+    try:
+        yield
+    finally:
+        exit_forward()
+
+
 def remembered(mask: torch.Tensor, key, compute: Callable):
     """``compute()``, remembered under ``key`` (hashable) for ``mask`` while it is unchanged (see
-    ``_MASK_MEMO``). Callers never write to what it returns. Values are computed outside inference
-    mode, so a value first computed there still serves a later step that records a graph."""
+    ``_MASK_MEMO``); an inference tensor only within one forward (:func:`enter_forward`). Callers
+    never write to what it returns. Values are computed outside inference mode, so a value first
+    computed there still serves a later step that records a graph."""
     if mask.is_inference():
-        return compute()
+        state = _FORWARD.get()
+        if state is None:
+            return compute()
+        entry = state[1].get(id(mask))
+        if entry is None or entry[0] is not mask:  # (the entry holds the mask: its id is not reused)
+            entry = state[1][id(mask)] = (mask, {})
+        if key not in entry[1]:
+            entry[1][key] = compute()
+        return entry[1][key]
     with _MASK_MEMO_LOCK:
         for i, (ref, version, memo) in enumerate(_MASK_MEMO):
             if ref() is mask:

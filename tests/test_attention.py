@@ -739,6 +739,59 @@ def test_pruned_bert_runs_under_inference_mode():
     torch.testing.assert_close(again, want, rtol=0, atol=0)
 
 
+def test_inference_tensor_masks_are_read_once_per_forward_of_a_pruned_model(monkeypatch):
+    """Under inference_mode a model's mask is an inference tensor (no version counter): a pruned
+    model's forward hooks remember what its layers derive from it for that forward only — one
+    reading per forward, a fresh one for the next forward (which sees an in-place change made in
+    between), nothing left behind after it, also when the forward raises."""
+    from helpers import bert_batch, tiny_bert
+    from spp import layers
+    from spp.baselines import magnitude_path
+
+    model = tiny_bert()
+    batch = bert_batch(seed=1)
+    batch["attention_mask"][0, -3:] = 0
+    h = spp.attach(model)
+    small = spp.prune(h.model, magnitude_path(h).masks(keep=0.5))
+    spp.detach(model)
+    reads = []
+    read = layers._key_padding
+    monkeypatch.setattr(layers, "_key_padding", lambda *a, **kw: reads.append(1) or read(*a, **kw))
+    with torch.no_grad():
+        want = small(**batch).last_hidden_state
+        batch2 = dict(batch, attention_mask=batch["attention_mask"].clone())
+        batch2["attention_mask"][1, -2:] = 0
+        want2 = small(**batch2).last_hidden_state
+    reads.clear()
+    with torch.inference_mode():
+        mask = batch["attention_mask"].clone()
+        got = small(**dict(batch, attention_mask=mask)).last_hidden_state
+        assert len(reads) == 1 and reference._FORWARD.get() is None
+        mask[1, -2:] = 0  # in place, between forwards
+        got2 = small(**dict(batch, attention_mask=mask)).last_hidden_state
+        assert len(reads) == 2
+        with pytest.raises(IndexError):
+            small(input_ids=batch["input_ids"] + 10 ** 6, attention_mask=mask)  # ids past the vocabulary
+        assert reference._FORWARD.get() is None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got2, want2, rtol=0, atol=0)
+    assert len(small._forward_pre_hooks) == 1 and len(small._forward_hooks) == 1
+
+
+def test_forward_memo_nests_and_holds_its_masks():
+    with torch.inference_mode():
+        m = torch.ones(2, 3, dtype=torch.bool)
+        calls = []
+        with reference.one_forward():
+            with reference.one_forward():  # a nested forward shares the outer memo
+                assert reference.remembered(m, "k", lambda: calls.append(1) or 5) == 5
+            assert reference.remembered(m, "k", lambda: calls.append(1) or 6) == 5
+            assert reference._FORWARD.get()[1][id(m)][0] is m  # held: its id cannot be reused meanwhile
+        assert reference._FORWARD.get() is None
+        assert reference.remembered(m, "k", lambda: calls.append(1) or 7) == 7  # outside: not remembered
+    assert len(calls) == 2
+
+
 def test_causal_with_unequal_query_and_key_counts_on_both_routes():
     """Query rows with no key to attend are 0 (not NaN) on the inference route too."""
     q, k, v = torch.randn(1, 1, 4, 2), torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 3)

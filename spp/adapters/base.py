@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from ..arena import MaskArena, PairSpec
-from ..layers import MaskedAttention, MaskedMlp, MaskSlot, prune_attention, prune_mlp
+from ..layers import MaskedAttention, MaskedMlp, MaskSlot, mark_forwards, prune_attention, prune_mlp
 
 
 class Adapter:
@@ -145,6 +145,7 @@ class Adapter:
             else:
                 self.replace(block, new_attn, new_mlp)
             self.finish_pruned(block, new_attn, new_mlp)
+        mark_forwards(model)
 
     def finish_pruned(self, block: nn.Module, attn: nn.Module, mlp: nn.Module) -> None:
         """Called on every block of a pruned model (also when :func:`spp.load_pruned` rebuilds one),

@@ -499,24 +499,27 @@ _MASK_MEMO_KEYS = 16  # values per mask (a mask reused across many shapes starts
 _MASK_MEMO_LOCK = threading.Lock()
 
 
-# One forward of a pruned model: [depth, {id(mask): (mask, {key: value})}] while it runs, else None.
-_FORWARD: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("spp_forward", default=None)
+# The forward of a pruned model that is running: (memo {id(mask): (mask, {key: value})}, the state
+# it replaced, id of its model), or None outside one. Immutable, set per context: a context copied
+# during a forward keeps that forward's memo, never the live binding of another.
+_FORWARD: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("spp_forward", default=None)
 
 
-def enter_forward(*_) -> None:
+def enter_forward(model=None, *_) -> None:
     """A model's forward begins (a forward pre-hook that pruned models carry): until the matching
     :func:`exit_forward`, values derived from inference-tensor masks are remembered by the mask's
     identity. Within one forward a model never writes to its masks, so what no version counter can
     guard is safe there (under ``torch.inference_mode`` every layer would otherwise derive them
-    again: on a GPU a few small launches a layer). Nested forwards share the outer one's memo. Not
-    under torch.compile (a compiled graph derives nothing on the host)."""
+    again: on a GPU a few small launches a layer). A nested forward gets its own memo and the outer
+    one's returns after it. A forward that never reached its exit hook (``KeyboardInterrupt`` and
+    ``SystemExit`` skip even ``always_call`` hooks) is dropped when the same model's next forward
+    begins. Nothing under torch.compile (a compiled graph derives nothing on the host)."""
     if torch.compiler.is_compiling():
         return
     state = _FORWARD.get()
-    if state is None:
-        _FORWARD.set([1, {}])
-    else:
-        state[0] += 1
+    while state is not None and model is not None and state[2] == id(model):
+        state = state[1]  # this model's interrupted forward
+    _FORWARD.set(({}, state, None if model is None else id(model)))
 
 
 def exit_forward(*_) -> None:
@@ -525,9 +528,7 @@ def exit_forward(*_) -> None:
         return
     state = _FORWARD.get()
     if state is not None:
-        state[0] -= 1
-        if state[0] <= 0:
-            _FORWARD.set(None)
+        _FORWARD.set(state[1])
 
 
 @contextlib.contextmanager
@@ -549,9 +550,9 @@ def remembered(mask: torch.Tensor, key, compute: Callable):
         state = _FORWARD.get()
         if state is None:
             return compute()
-        entry = state[1].get(id(mask))
+        entry = state[0].get(id(mask))
         if entry is None or entry[0] is not mask:  # (the entry holds the mask: its id is not reused)
-            entry = state[1][id(mask)] = (mask, {})
+            entry = state[0][id(mask)] = (mask, {})
         if key not in entry[1]:
             entry[1][key] = compute()
         return entry[1][key]

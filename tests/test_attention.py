@@ -773,23 +773,46 @@ def test_inference_tensor_masks_are_read_once_per_forward_of_a_pruned_model(monk
         with pytest.raises(IndexError):
             small(input_ids=batch["input_ids"] + 10 ** 6, attention_mask=mask)  # ids past the vocabulary
         assert reference._FORWARD.get() is None
+        # Ctrl-C in the middle of a forward skips even always_call hooks: the next forward drops
+        # the cut-short one's memo, so a mask changed in place since is read afresh
+        layer = small.encoder.layer[1]
+        stop = layer.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            small(**dict(batch, attention_mask=mask))
+        stop.remove()
+        assert reference._FORWARD.get() is not None
+        mask.copy_(batch["attention_mask"])  # back to the first batch's padding, in place
+        got3 = small(**dict(batch, attention_mask=mask)).last_hidden_state
+        assert reference._FORWARD.get() is None
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got2, want2, rtol=0, atol=0)
+    torch.testing.assert_close(got3, want, rtol=0, atol=0)
     assert len(small._forward_pre_hooks) == 1 and len(small._forward_hooks) == 1
 
 
-def test_forward_memo_nests_and_holds_its_masks():
+def test_forward_memo_nests_holds_its_masks_and_drops_an_interrupted_forward():
     with torch.inference_mode():
         m = torch.ones(2, 3, dtype=torch.bool)
         calls = []
         with reference.one_forward():
-            with reference.one_forward():  # a nested forward shares the outer memo
-                assert reference.remembered(m, "k", lambda: calls.append(1) or 5) == 5
-            assert reference.remembered(m, "k", lambda: calls.append(1) or 6) == 5
-            assert reference._FORWARD.get()[1][id(m)][0] is m  # held: its id cannot be reused meanwhile
+            assert reference.remembered(m, "k", lambda: calls.append(1) or 5) == 5
+            with reference.one_forward():  # a nested forward: its own memo
+                assert reference.remembered(m, "k", lambda: calls.append(1) or 6) == 6
+                assert reference.remembered(m, "k", lambda: calls.append(1) or 0) == 6
+            assert reference.remembered(m, "k", lambda: calls.append(1) or 0) == 5  # the outer one is back
+            assert reference._FORWARD.get()[0][id(m)][0] is m  # held: its id cannot be reused meanwhile
         assert reference._FORWARD.get() is None
         assert reference.remembered(m, "k", lambda: calls.append(1) or 7) == 7  # outside: not remembered
-    assert len(calls) == 2
+        assert len(calls) == 3
+        # a forward cut short by KeyboardInterrupt never runs its exit hook: the same model's next
+        # forward drops it, and once that one ends no memo is left
+        model = torch.nn.Identity()
+        reference.enter_forward(model, ())
+        reference.remembered(m, "k", lambda: 8)
+        reference.enter_forward(model, ())
+        assert reference.remembered(m, "k", lambda: 9) == 9
+        reference.exit_forward(model, (), None)
+        assert reference._FORWARD.get() is None
 
 
 def test_causal_with_unequal_query_and_key_counts_on_both_routes():
